@@ -1,0 +1,5 @@
+import sys
+
+from scalegpt.launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The user's front door: the `scalegpt` command, launchers and cluster templates."""

@@ -1,0 +1,134 @@
+"""`scalegpt`: one entry point with the sub-commands of DESIGN.md.
+
+Each sub-command's parser lives here; its work lives in the module that owns it. Bad input of any
+kind becomes one line, `scalegpt: error: ...`, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+from ..train.errors import UserError
+
+# command -> (module, function); the function takes the parsed argparse.Namespace.
+HANDLERS: dict[str, tuple[str, str]] = {
+    "prepare": ("scalegpt.train.data.prepare", "prepare_command"),
+    "train": ("scalegpt.train.loop", "train_command"),
+    "launch": ("scalegpt.launch.launcher", "launch_command"),
+    "sample": ("scalegpt.launch.sample", "sample_command"),
+    "eval": ("scalegpt.launch.evaluate", "eval_command"),
+    "export": ("scalegpt.train.export", "export_command"),
+    "plan": ("scalegpt.launch.plan", "plan_command"),
+    "plot": ("scalegpt.launch.plot", "plot_command"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors follow the same one-line contract
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("config", help="run YAML, e.g. configs/smoke.yaml")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
+        return s
+
+    with_config("prepare", "tokenize every source of the config's data section")
+    with_config("train", "train in this process (one rank under a launcher)")
+    s = with_config("launch", "start a multi-process / multi-GPU / multi-node run")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--procs", type=int, help="N CPU processes on this machine")
+    where.add_argument("--gpus", type=int, help="N GPUs on this machine")
+    where.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes")
+    where.add_argument("--slurm", action="store_true", help="write and submit an sbatch script")
+    s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    s.add_argument("--nodes", type=int, default=1, help="nodes (SLURM)")
+    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (SLURM, hostfile)")
+    s.add_argument("--master-addr", default=None, help="address of the rank-0 node")
+    s.add_argument("--master-port", type=int, default=29500, help="rendezvous port")
+    s.add_argument("--multinode-runner", choices=["pdsh", "openmpi"], default="pdsh")
+    s.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    s.add_argument("--partition", default=None, help="SLURM partition")
+    s.add_argument("--account", default=None, help="SLURM account")
+    s.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+
+    s = sub.add_parser("sample", help="sample text from a run, checkpoint or export")
+    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+    s.add_argument("--prompt", default=None, help="prompt text (default: read stdin if piped, else empty)")
+    s.add_argument("--prompt-file", default=None, help="file of prompts, one per line")
+    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    s.add_argument("--strict-context", action="store_true", help="error instead of cropping a long prompt")
+    s.add_argument("--no-stream", action="store_true", help="print whole samples, not token by token")
+    s.add_argument("--device", default="auto")
+
+    s = sub.add_parser("eval", help="few-shot and validation evaluation")
+    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+    s.add_argument("--tasks", nargs="*", default=None, help="task names (default: all built-in tasks)")
+    s.add_argument("--shots", type=int, nargs="*", default=None, help="K values (default 0 1 few)")
+    s.add_argument("--num-examples", type=int, default=100)
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--json", dest="json_out", default=None, help="write the results table here")
+    s.add_argument("--device", default="auto")
+
+    s = sub.add_parser("export", help="export weights to safetensors or Hugging Face format")
+    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+    s.add_argument("--format", choices=["safetensors", "hf"], required=True)
+    s.add_argument("out_dir")
+
+    s = sub.add_parser("plan", help="memory and throughput plan for a config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    s.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOPS per GPU for step time")
+
+    s = sub.add_parser("plot", help="PNG curves of a run")
+    s.add_argument("run_dir")
+    s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    return p
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int | None]:
+    module_name, func = HANDLERS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise UserError(f"`scalegpt {command}` is not built yet") from exc
+        raise
+    return getattr(module, func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code = _handler(args.command)(args)
+        return int(code or 0)
+    except UserError as exc:
+        print(f"scalegpt: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("scalegpt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `scalegpt sample ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The one exception type that means "the user gave us something wrong"."""
+
+
+class UserError(Exception):
+    """Bad input (config, path, prompt, checkpoint). The CLI prints `scalegpt: error: <message>` and
+    exits 2 with no traceback; the message says what is wrong and what to do."""
