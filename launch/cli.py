@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     with_config("prepare", "tokenize every source of the config's data section")
-    with_config("train", "train in this process (one rank under a launcher)")
+    s = with_config("train", "train in this process (one rank under a launcher)")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
     s = with_config("launch", "start a multi-process / multi-GPU / multi-node run")
     where = s.add_mutually_exclusive_group()
     where.add_argument("--procs", type=int, help="N CPU processes on this machine")

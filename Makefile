@@ -1,0 +1,40 @@
+# Two commands for a new machine with only Python 3.11:
+#   make setup   install everything into .venv, then run the CPU smoke job (prepare, train, sample)
+#   make test    run the whole test suite (installs first if needed)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Where a CPU-only torch wheel comes from on machines whose default index serves CUDA builds,
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+SMOKE  ?= configs/smoke.yaml
+
+.PHONY: setup install smoke test lint bench clean
+
+setup: install smoke
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@# No CUDA GPU: take the CPU build first, so nothing below pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+smoke: $(STAMP)
+	$(BIN)/scalegpt prepare $(SMOKE)
+	$(BIN)/scalegpt launch $(SMOKE) --procs 2
+	$(BIN)/scalegpt sample runs/smoke --prompt "Q: What is 12 plus 7? A:" --max-new-tokens 40 --num-samples 2 --temperature 0.7
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs prepared

@@ -1,0 +1,249 @@
+"""Checkpoints: DeepSpeed's partitioned ZeRO states plus what makes resume exact.
+
+Layout (RUN/checkpoints/):
+    latest                 the newest complete tag, replaced by atomic rename after every rank wrote
+    step_000200/           DeepSpeed's files (mp_rank_00_model_states.pt, zero_pp_rank_R_..._optim_states.pt)
+        rng_rank_R.pt      every rank's RNG states
+        scalegpt.json      step, tokens, global sample index, world size, tokenizer hash, manifest hash
+        config.yaml        the resolved config;  tokenizer.json  the tokenizer
+    .universal/<tag>/      DeepSpeed universal checkpoint, made on demand when the world size changes
+
+DeepSpeed's model/optimizer files are pickles (they hold optimizer param-group dicts and client
+state), so DeepSpeed loads them with weights_only=False; our own files are JSON, or tensors-only
+(rng_rank_R.pt is loaded with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config, from_yaml_text
+from .errors import UserError
+
+TAG_RE = re.compile(r"^step_(\d{6,})$")
+META = "scalegpt.json"
+
+
+@dataclass
+class TrainState:
+    """Where the run is: everything besides weights and optimizer that resume must restore."""
+
+    step: int = 0
+    tokens: int = 0
+    samples: int = 0  # global sample index of the next training sequence
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (with scalegpt.json), oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = checkpoint_root(run_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = checkpoint_root(run_dir) / tag
+    if not (path / META).is_file():
+        raise UserError(f"{latest} names {tag}, which is not a complete checkpoint; pass checkpoint.resume=PATH")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+        "python": torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_state() -> list[Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), pos, has_gauss, gauss]
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = json.loads(bytes(state["numpy"].tolist()).decode())
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    py = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    engine: Any, state: TrainState, *, cfg: Config, config_yaml: str, run_dir: Path, world_size: int,
+    rank: int, meta: dict[str, Any],
+) -> Path:
+    """Every rank calls this. `latest` moves only after a barrier, so a crash mid-save leaves the
+    previous checkpoint as latest."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(state.step)
+    client = {"scalegpt": asdict(state), "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    path = root / tag
+    torch.save(_rng_state(), path / f"rng_rank_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (path / "config.yaml").write_text(config_yaml)
+        tok = run_dir / "tokenizer.json"
+        if tok.is_file():
+            shutil.copyfile(tok, path / "tokenizer.json")
+        atomic_write_text(path / META, json.dumps({**asdict(state), "world_size": world_size, **meta}, indent=1))
+        atomic_write_text(root / "latest", tag)
+        _prune(run_dir, cfg.checkpoint.keep)
+    dist.barrier()
+    return path
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(checkpoint_root(run_dir) / ".universal" / old.name, ignore_errors=True)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = path / META
+    try:
+        return json.loads(meta_file.read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"{path} is not a scalegpt checkpoint ({META} is missing)") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"checkpoint file {meta_file} is corrupt ({exc}); pass checkpoint.fallback=true to "
+                        "resume from the previous checkpoint") from exc
+
+
+def verify_files(path: Path, world_size: int) -> None:
+    """Fail with the file's name before DeepSpeed dies deep inside torch.load on a damaged checkpoint."""
+    expected = [path / "mp_rank_00_model_states.pt"]
+    expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+    for f in expected:
+        if not f.is_file():
+            raise UserError(f"checkpoint file {f} is missing; the checkpoint is incomplete")
+        try:
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # truncated zip, bad pickle, ...
+            raise UserError(
+                f"checkpoint file {f} is corrupt or truncated ({type(exc).__name__}); pass checkpoint.fallback=true "
+                "to resume from the previous checkpoint"
+            ) from exc
+
+
+def check_compatible(path: Path, cfg: Config, meta: dict[str, Any], tokenizer_hash: str, manifest_hash: str) -> None:
+    """Resuming with a different model shape, tokenizer or data is an error naming what differs."""
+    saved_cfg = from_yaml_text((path / "config.yaml").read_text())
+    diffs = [
+        f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r}, now {getattr(cfg.model, k)!r}"
+        for k in vars(cfg.model)
+        if getattr(saved_cfg.model, k) != getattr(cfg.model, k)
+    ]
+    if meta.get("tokenizer_hash") != tokenizer_hash:
+        diffs.append(f"tokenizer: checkpoint {str(meta.get('tokenizer_hash'))[:12]}, now {tokenizer_hash[:12]}")
+    if meta.get("manifest_hash") != manifest_hash:
+        diffs.append("data manifest: the prepared data changed since this checkpoint was written")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: " + "; ".join(diffs))
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """Which checkpoint to start from, per checkpoint.resume (auto | never | PATH)."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        if list_checkpoints(run_dir):
+            raise UserError(
+                f"checkpoint.resume=never but {checkpoint_root(run_dir)} already has checkpoints; "
+                "use a new run.dir or checkpoint.resume=auto"
+            )
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(mode)
+    if not path.is_dir():
+        raise UserError(f"checkpoint.resume={mode}: no such checkpoint directory")
+    return path
+
+
+def choose_loadable(path: Path, cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Verify `path`; with checkpoint.fallback, walk back to the newest older checkpoint that verifies."""
+    candidates = [path]
+    if cfg.checkpoint.fallback:
+        older = [p for p in list_checkpoints(run_dir) if p.name < path.name]
+        candidates += list(reversed(older))
+    error: UserError | None = None
+    for candidate in candidates:
+        try:
+            meta = read_meta(candidate)
+            verify_files(candidate, int(meta["world_size"]))
+            if candidate != path:
+                print(f"scalegpt: warning: {path.name} is unusable ({error}); falling back to {candidate.name}",
+                      file=sys.stderr, flush=True)
+            return candidate, meta
+        except UserError as exc:
+            error = error or exc
+    assert error is not None
+    raise error
+
+
+def to_universal(path: Path, run_dir: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent). Rank 0 only."""
+    out_root = checkpoint_root(run_dir) / ".universal"
+    out = out_root / path.name
+    if (out / "done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"converting {path} to a universal checkpoint failed: {result.stderr.strip()[-400:]}")
+    (out / "done").write_text("ok")
+    return out
+
+
+def load(engine: Any, path: Path, *, universal: bool, rank: int, world_size: int) -> TrainState:
+    """Load model, optimizer and our state; restore this rank's RNG when the world size is unchanged."""
+    load_dir, tag = str(path.parent), path.name
+    _, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if client is None:
+        raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
+    state = TrainState(**client["scalegpt"])
+    rng_file = path / f"rng_rank_{rank}.pt"
+    if not universal and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,61 @@
+"""Learning-rate and batch-size schedules, expressed in tokens so that they scale with the run
+(GPT-3 Appendix B): linear warmup, cosine decay to a floor, and a linear batch-size ramp."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Schedule:
+    peak_lr: float
+    warmup_tokens: int
+    decay_tokens: int
+    min_lr_ratio: float
+    ramp_tokens: int
+    ramp_start_tokens: int
+    full_batch: int  # sequences per optimizer step once the ramp is over
+    batch_quantum: int  # sequences per accumulation step over all ranks: micro_batch x world size
+    n_ctx: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, world_size: int) -> Schedule:
+        return cls(
+            peak_lr=cfg.optim.lr,
+            warmup_tokens=cfg.schedule.warmup_tokens,
+            decay_tokens=cfg.schedule.decay_tokens,
+            min_lr_ratio=cfg.schedule.min_lr_ratio,
+            ramp_tokens=cfg.schedule.ramp_tokens,
+            ramp_start_tokens=cfg.schedule.ramp_start_tokens,
+            full_batch=cfg.train.global_batch or cfg.train.micro_batch * world_size,
+            batch_quantum=cfg.train.micro_batch * world_size,
+            n_ctx=cfg.model.n_ctx,
+        )
+
+    def lr(self, tokens: int) -> float:
+        """LR for the step that brings the run to `tokens` tokens: linear warmup to the peak, cosine
+        decay to min_lr_ratio x peak at decay_tokens, then flat at the floor."""
+        floor = self.min_lr_ratio * self.peak_lr
+        if self.warmup_tokens and tokens < self.warmup_tokens:
+            return self.peak_lr * tokens / self.warmup_tokens
+        if tokens >= self.decay_tokens:
+            return floor
+        progress = (tokens - self.warmup_tokens) / max(1, self.decay_tokens - self.warmup_tokens)
+        return floor + (self.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def batch_size(self, tokens: int) -> int:
+        """Sequences in the next optimizer step, given `tokens` already trained on: a linear ramp from
+        ramp_start_tokens to the full batch over ramp_tokens, rounded down to whole accumulation steps
+        (the micro batch stays fixed; gradient accumulation changes)."""
+        if not self.ramp_tokens or tokens >= self.ramp_tokens:
+            return self.full_batch
+        start = self.ramp_start_tokens / self.n_ctx
+        seqs = start + (self.full_batch - start) * tokens / self.ramp_tokens
+        steps = max(1, int(seqs // self.batch_quantum))
+        return min(self.full_batch, steps * self.batch_quantum)
+
+    def accumulation(self, tokens: int) -> int:
+        return self.batch_size(tokens) // self.batch_quantum
