@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from ..train.errors import UserError
+from ..train.errors import SharedUserError, UserError
 
 # command -> (module, function); the function takes the parsed argparse.Namespace.
 HANDLERS: dict[str, tuple[str, str]] = {
@@ -52,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes")
     where.add_argument("--slurm", action="store_true", help="write and submit an sbatch script")
     s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    s.add_argument("--nodes", type=int, default=1, help="nodes (SLURM)")
-    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (SLURM, hostfile)")
-    s.add_argument("--master-addr", default=None, help="address of the rank-0 node")
+    s.add_argument("--nodes", type=int, default=None, help="nodes (SLURM: default 1; hostfile: default all)")
+    s.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="ranks per node: GPUs, or CPU processes when train.device=cpu (SLURM: default 8; hostfile: slots)",
+    )
+    s.add_argument("--master-addr", default=None, help="address of the rank-0 node (hostfile: default its first host)")
     s.add_argument("--master-port", type=int, default=29500, help="rendezvous port")
-    s.add_argument("--multinode-runner", choices=["pdsh", "openmpi"], default="pdsh")
+    s.add_argument(
+        "--multinode-runner", choices=["pdsh", "openmpi"], default="pdsh", help="DeepSpeed's runner (hostfile)"
+    )
     s.add_argument("--time", default="24:00:00", help="SLURM time limit")
     s.add_argument("--partition", default=None, help="SLURM partition")
     s.add_argument("--account", default=None, help="SLURM account")
@@ -79,11 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="few-shot and validation evaluation")
     s.add_argument("path", help="run directory, checkpoint directory or export directory")
-    s.add_argument("--tasks", nargs="*", default=None, help="task names (default: all built-in tasks)")
-    s.add_argument("--shots", type=int, nargs="*", default=None, help="K values (default 0 1 few)")
-    s.add_argument("--num-examples", type=int, default=100)
+    s.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        help="built-in tasks: 2D+ 2D- 3D+ 3D- 2Dx, mc-2D+ ... mc-2Dx, cycle anagram1 anagram2 insert reverse, "
+        "cycle-inverse reverse-inverse (default: all, or none when --lm-eval is given)",
+    )
+    s.add_argument("--shots", nargs="*", default=None, help="K values, integers or 'few' (default 0 1 few)")
+    s.add_argument("--few-max", type=int, default=10, help="'few' = as many as fit in n_ctx, at most this")
+    s.add_argument("--num-examples", type=int, default=100, help="queries per task (and lm-eval's limit)")
     s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--val-batches", type=int, default=50, help="validation batches per source (0 skips)")
+    s.add_argument("--data-dir", default=None, help="prepared data for validation (default: the config's)")
     s.add_argument("--json", dest="json_out", default=None, help="write the results table here")
+    s.add_argument("--wandb", action="store_true", help="log the config and result tables to wandb")
+    s.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK", help="lm-evaluation-harness tasks")
+    s.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of local lm-eval task YAMLs")
     s.add_argument("--device", default="auto")
 
     s = sub.add_parser("export", help="export weights to safetensors or Hugging Face format")
@@ -101,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plot", help="PNG curves of a run")
     s.add_argument("run_dir")
     s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    s.add_argument("--data-dir", default=None, help="prepared data for the epochs panel (default: the config's)")
     return p
 
 
@@ -115,12 +136,32 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int | None]:
     return getattr(module, func)
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """Launchers that pass `--local_rank=N` (DeepSpeed's, torch.distributed.launch) put it in LOCAL_RANK."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
+        # key=value overrides may also come after options (`launch CFG --procs 2 model.n_layer=4`)
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
         code = _handler(args.command)(args)
         return int(code or 0)
     except UserError as exc:
+        if isinstance(exc, SharedUserError) and os.environ.get("RANK", "0") != "0":
+            return 2
         print(f"scalegpt: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -25,12 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .gpt import GPT, KVCache
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
 OnToken = Callable[[int, int], bool | None]
 
 
@@ -57,11 +56,17 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def sample_next(
-    logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: Generators = None
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Generators = None,
 ) -> Tensor:
     """(B, vocab) logits -> (B,) token ids. Temperature 0 is greedy. One generator draws for the whole
     batch; a sequence of B generators gives each row its own stream, so a row's sample does not depend
-    on which other rows share the batch."""
+    on which other rows share the batch (a None entry draws nothing and returns that row's argmax, for a
+    row whose token is not wanted)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
@@ -70,7 +75,12 @@ def sample_next(
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     if len(generator) != probs.size(0):
         raise ValueError(f"got {len(generator)} generators for a batch of {probs.size(0)} rows")
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+    return torch.cat(
+        [
+            row.argmax(-1, keepdim=True) if g is None else torch.multinomial(row, 1, generator=g)
+            for row, g in zip(probs, generator, strict=True)
+        ]
+    )
 
 
 def window_start(length: int, n_ctx: int, shift: int) -> int:
@@ -122,6 +132,8 @@ def generate(
     shift = max(1, n_ctx // 2) if shift is None else shift
     if not 1 <= shift <= n_ctx:
         raise ValueError(f"shift must be in [1, n_ctx={n_ctx}], got {shift}")
+    if max_new_tokens == 0:
+        return [[] for _ in rows]
     param = next(model.parameters())
     lengths = [len(r) for r in rows]
     lo, hi = min(lengths), max(lengths)
@@ -131,7 +143,7 @@ def generate(
     seq = torch.zeros(len(rows), total, dtype=torch.long, device=param.device)  # (B, prompt + new)
     for i, row in enumerate(rows):
         seq[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    in_prompt = torch.arange(total, device=param.device)[None, :] < torch.tensor(lengths, device=param.device)[:, None]
+    in_prompt = torch.arange(total, device=param.device) < torch.tensor(lengths, device=param.device)[:, None]
     cache = KVCache.empty(model.config, len(rows), device=param.device, dtype=param.dtype) if use_cache else None
     cache_start = 0
     watch = eot_id is not None or on_token is not None  # needs the new tokens on the host every step
@@ -139,7 +151,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        for pos in range(lo, total if max_new_tokens else lo):
+        for pos in range(lo, total):
             start = window_start(pos, n_ctx, shift)
             if cache is None:
                 logits = model(seq[:, start:pos])[0][:, -1]
@@ -147,7 +159,10 @@ def generate(
                 if start != cache_start:  # the window jumped: its positions changed, so re-encode it
                     cache.length, cache_start = 0, start
                 logits = model(seq[:, cache_start + cache.length : pos], cache=cache)[0][:, -1]
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            gen = generator
+            if pos < hi and isinstance(generator, Sequence):  # a row reading its prompt must not use up draws
+                gen = [g if pos >= n else None for g, n in zip(generator, lengths, strict=True)]
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             if pos < hi:  # rows still reading their prompt take the prompt's token
                 nxt = torch.where(in_prompt[:, pos], seq[:, pos], nxt)
             seq[:, pos] = nxt

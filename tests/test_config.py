@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
 
 from scalegpt.launch.cli import main
 from scalegpt.train.config import Config, from_yaml_text, load_config, to_yaml
 from scalegpt.train.errors import UserError
+
+from conftest import CONFIGS
 
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
 
@@ -60,8 +61,11 @@ def test_overrides_apply_last() -> None:
 BAD = [
     (["model.n_layr=3"], "model.n_layr in the command line"),
     (["model.n_layer=two"], "model.n_layer in the command line"),
-    (["model.d_model=100"], "model.d_model in the command line: 100 is not divisible by n_head=4"),
-    (["train.global_batch=12"], "train.global_batch in the command line: 12 is not divisible by train.micro_batch=8"),
+    (["model.d_model=130"], "model.d_model in the command line: 130 is not divisible by n_head=4"),
+    (
+        ["train.global_batch=12"],
+        "train.global_batch in the command line: 12 is not divisible by train.micro_batch=8",
+    ),
     (["optim.lr=-1"], "optim.lr in the command line: must be positive"),
     (["train.precision=fp8"], "train.precision"),
     (["data.sources.0.weight=0"], "data.sources.0.weight"),

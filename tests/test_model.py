@@ -7,18 +7,27 @@ import math
 
 import pytest
 import torch
-from conftest import CONFIGS, ROOT
 from omegaconf import OmegaConf
 
 from scalegpt.model import GPT, ModelConfig, build_model
 from scalegpt.model.gpt import attention_mask, flex_attention
 from scalegpt.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 
+from conftest import CONFIGS, ROOT
+
 TINY = dict(n_layer=2, n_head=2, d_model=32, n_ctx=16, vocab_size=50)
 
 # Table 2.1's printed parameter counts.
-TABLE_2_1 = {"small": 125e6, "medium": 350e6, "large": 760e6, "xl": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
-             "13b": 13.0e9, "175b": 175.0e9}
+TABLE_2_1 = {
+    "small": 125e6,
+    "medium": 350e6,
+    "large": 760e6,
+    "xl": 1.3e9,
+    "2.7b": 2.7e9,
+    "6.7b": 6.7e9,
+    "13b": 13.0e9,
+    "175b": 175.0e9,
+}
 
 
 @pytest.mark.parametrize("shape", [TINY, dict(n_layer=3, n_head=4, d_model=64, n_ctx=32, vocab_size=97)])

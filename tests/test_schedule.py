@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import CONFIGS
 
 from scalegpt.train.config import load_config
 from scalegpt.train.engine import deepspeed_config, global_batch, param_groups
 from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Schedule
+
+from conftest import CONFIGS
 
 
 def _small(world: int = 8) -> Schedule:

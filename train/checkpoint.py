@@ -107,8 +107,15 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save(
-    engine: Any, state: TrainState, *, cfg: Config, config_yaml: str, run_dir: Path, world_size: int,
-    rank: int, meta: dict[str, Any],
+    engine: Any,
+    state: TrainState,
+    *,
+    cfg: Config,
+    config_yaml: str,
+    run_dir: Path,
+    world_size: int,
+    rank: int,
+    meta: dict[str, Any],
 ) -> Path:
     """Every rank calls this. `latest` moves only after a barrier, so a crash mid-save leaves the
     previous checkpoint as latest."""
@@ -144,14 +151,18 @@ def read_meta(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise UserError(f"{path} is not a scalegpt checkpoint ({META} is missing)") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"checkpoint file {meta_file} is corrupt ({exc}); pass checkpoint.fallback=true to "
-                        "resume from the previous checkpoint") from exc
+        raise UserError(
+            f"checkpoint file {meta_file} is corrupt ({exc}); pass checkpoint.fallback=true to "
+            "resume from the previous checkpoint"
+        ) from exc
 
 
 def verify_files(path: Path, world_size: int) -> None:
     """Fail with the file's name before DeepSpeed dies deep inside torch.load on a damaged checkpoint."""
     expected = [path / "mp_rank_00_model_states.pt"]
-    expected += [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+    for r in range(world_size):  # bf16 runs prefix the name with "bf16_"
+        found = sorted(path.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        expected.append(found[0] if found else path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
     for f in expected:
         if not f.is_file():
             raise UserError(f"checkpoint file {f} is missing; the checkpoint is incomplete")
@@ -210,8 +221,11 @@ def choose_loadable(path: Path, cfg: Config, run_dir: Path) -> tuple[Path, dict[
             meta = read_meta(candidate)
             verify_files(candidate, int(meta["world_size"]))
             if candidate != path:
-                print(f"scalegpt: warning: {path.name} is unusable ({error}); falling back to {candidate.name}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"scalegpt: warning: {path.name} is unusable ({error}); falling back to {candidate.name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return candidate, meta
         except UserError as exc:
             error = error or exc
@@ -227,8 +241,19 @@ def to_universal(path: Path, run_dir: Path) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"converting {path} to a universal checkpoint failed: {result.stderr.strip()[-400:]}")

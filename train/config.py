@@ -294,34 +294,67 @@ def _origin(key: str, layers: list[tuple[str, DictConfig]]) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load, compose, override and validate a run config. Raises UserError naming key and file."""
+    """Load, compose, override and validate a run config. Raises UserError naming key and file.
+
+    Overrides are applied one by one with OmegaConf.update, so list items can be addressed by index
+    (``data.sources.0.weight=2``), which a merged dot-list cannot do."""
     path = Path(path)
     layers = _layers(path)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (for example model.n_layer=4)")
-    if overrides:
-        try:
-            layers.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as exc:
-            raise UserError(f"bad override: {exc}") from exc
     merged = OmegaConf.structured(Config)
     for origin, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", "") or "?"
-            reason = str(exc).splitlines()[0]
-            raise UserError(f"{key} in {origin}: {reason}") from exc
-    try:
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from exc
-    found = problems(cfg)
+            raise UserError(f"{key} in {origin}: {str(exc).splitlines()[0]}") from exc
+    overridden: list[str] = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (for example model.n_layer=4)")
+        try:
+            value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+            _check_override_key(merged, key)
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise UserError(f"{key} in the command line: {str(exc).splitlines()[0]}") from exc
+        overridden.append(key)
+    model = ModelConfig.__new__(ModelConfig)  # unvalidated, so that its problems can name their key
+    model.__dict__.update(OmegaConf.to_container(merged.model))
+    found = [(f"model.{k}", m) for k, m in model.problems()]
+    if not found:
+        try:
+            cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        except (OmegaConfBaseException, ValueError) as exc:
+            raise UserError(f"{path}: {str(exc).splitlines()[0]}") from exc
+        found = problems(cfg)
     if found:
         key, message = found[0]
-        raise UserError(f"{key} in {_origin(key, layers)}: {message}")
+        origin = "the command line" if key in overridden else _origin(key, layers)
+        raise UserError(f"{key} in {origin}: {message}")
     return cfg
+
+
+def _check_override_key(cfg: DictConfig, key: str) -> None:
+    """Every part of `key` must exist, except below a dict-typed field (the deepspeed pass-through),
+    which takes new keys; list items are addressed by an index that must be in range."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise UserError(f"{key} in the command line: {'.'.join(parts[:i])} has {len(node)} items")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig):
+            if part not in node:
+                if node._metadata.object_type in (None, dict):  # an open dict: new keys are fine
+                    return
+                section = node._metadata.object_type.__name__
+                raise UserError(f"{key} in the command line: no such key ({part!r} is not in {section})")
+            node = node._get_node(part)
+        else:
+            raise UserError(f"{key} in the command line: {'.'.join(parts[:i])} is a value, not a section")
 
 
 def to_yaml(cfg: Config) -> str:

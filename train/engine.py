@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..model import GPT
+from ..model.flops import count_params
 from .config import Config
 from .errors import UserError
 
@@ -47,9 +48,13 @@ def _free_port() -> int:
 
 
 def adopt_launcher_env() -> None:
-    """Fill RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables under srun, or make a one-process group
-    when no launcher set anything, so `scalegpt train` runs alone as well as one rank of many."""
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables under mpirun or SLURM's under srun, or make
+    a one-process group when no launcher set anything, so `scalegpt train` runs alone as well as one rank of many."""
     env = os.environ
+    if "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:  # mpirun (DeepSpeed's openmpi runner)
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
@@ -71,7 +76,11 @@ def init_distributed(cfg: Config) -> DistEnv:
     adopt_launcher_env()
     import deepspeed
 
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = (
+        int(os.environ["RANK"]),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+    )
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
@@ -115,7 +124,12 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation:
         zero.update(overlap_comm=t.overlap_comm, contiguous_gradients=t.contiguous_gradients)
     if t.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
-    adam: dict[str, Any] = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    adam: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": [o.beta1, o.beta2],
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+    }
     if device == "cpu" and not t.cpu_offload:
         adam["torch_adam"] = True  # DeepSpeed's FusedAdam needs CUDA; torch's AdamW is the CPU path
     ds: dict[str, Any] = {
@@ -131,7 +145,15 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
     }
-    return merge_passthrough(ds, dict(cfg.deepspeed))
+    ds = merge_passthrough(ds, dict(cfg.deepspeed))
+    if t.zero_stage in (1, 2):
+        # DeepSpeed's default buckets hold 5e8 elements each whatever the model; a bucket larger than the
+        # model only costs memory (3.7 GB of empty fp32 buffers for the smoke model), so cap it there.
+        # A tuning knob, not a Config value: the pass-through may set it.
+        bucket = int(min(5e8, count_params(cfg.model)))
+        ds["zero_optimization"].setdefault("reduce_bucket_size", bucket)
+        ds["zero_optimization"].setdefault("allgather_bucket_size", bucket)
+    return ds
 
 
 def merge_passthrough(ours: dict[str, Any], extra: dict[str, Any], prefix: str = "deepspeed") -> dict[str, Any]:

@@ -8,6 +8,7 @@ import math
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,26 @@ from ..model.flops import flops_per_token, mfu, peak_flops_for
 from . import checkpoint as ckpt
 from .config import Config, from_yaml_text, load_config, to_yaml
 from .engine import DistEnv, build_engine, deepspeed_config, global_batch, init_distributed, resolve_device
-from .errors import UserError
+from .errors import SharedUserError, UserError
 from .metrics import MetricsLog, print0, stderr_is_tty
 from .schedule import Schedule
 
 # Keys that may change between a run directory's first start and a resume; anything else differing
 # means a different experiment, which belongs in a different run directory.
-RESUMABLE_CHANGES = ("train.max_steps", "train.micro_batch", "train.compile", "train.activation_checkpointing",
-                     "train.overlap_comm", "train.contiguous_gradients", "data.num_proc", "run.name",
-                     "checkpoint.", "log.", "eval.")
+RESUMABLE_CHANGES = (
+    "run.dir",
+    "train.max_steps",
+    "train.micro_batch",
+    "train.compile",
+    "train.activation_checkpointing",
+    "train.overlap_comm",
+    "train.contiguous_gradients",
+    "data.num_proc",
+    "run.name",
+    "checkpoint.",
+    "log.",
+    "eval.",
+)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -64,6 +76,24 @@ def config_differences(old: Config, new: Config) -> list[str]:
     ]
 
 
+def engine_step(engine: Any, data: torch.Tensor, micro_batch: int, lr: float) -> torch.Tensor:
+    """Forward, backward and step through the DeepSpeed engine for every micro batch of `data` (this rank's
+    rows of one optimizer step, n_ctx + 1 tokens each). DeepSpeed scales the loss for accumulation, reduces
+    gradients across ranks, clips, and steps the optimizer only at the accumulation boundary. Returns the
+    mean loss as a tensor, without a host-device sync."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    engine.train()
+    total = torch.zeros((), device=data.device)
+    chunks = data.split(micro_batch)
+    for chunk in chunks:
+        _, loss = engine(chunk[:, :-1], chunk[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return total / len(chunks)
+
+
 class Trainer:
     """Owns the engine, the data and the run directory; `fit` runs the loop."""
 
@@ -78,8 +108,10 @@ class Trainer:
         self.mixture = Mixture(cfg.data.dir, cfg.model.n_ctx, cfg.run.seed)
         vocab = int(self.mixture.manifest["vocab_size"])
         if vocab != cfg.model.vocab_size:
-            raise UserError(f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
-                            f"{cfg.model.vocab_size}; set model.vocab_size={vocab} or re-run `scalegpt prepare`")
+            raise UserError(
+                f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
+                f"{cfg.model.vocab_size}; set model.vocab_size={vocab} or re-run `scalegpt prepare`"
+            )
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
         self._prepare_run_dir()
@@ -92,8 +124,10 @@ class Trainer:
             if int(saved["world_size"]) != env.world_size:
                 universal = True
                 if env.is_main:
-                    print0(f"resuming on {env.world_size} process(es) from a checkpoint written by "
-                           f"{saved['world_size']}: converting it to DeepSpeed's universal format")
+                    print0(
+                        f"resuming on {env.world_size} process(es) from a checkpoint written by "
+                        f"{saved['world_size']}: converting it to DeepSpeed's universal format"
+                    )
                     ckpt.to_universal(resume, self.run_dir)
                 dist.barrier()
         torch.manual_seed(cfg.run.seed)
@@ -101,15 +135,20 @@ class Trainer:
         self.engine = build_engine(cfg, model, env, load_universal=universal)
         if resume is not None:
             load_from = self.run_dir / "checkpoints" / ".universal" / resume.name if universal else resume
-            self.state = ckpt.load(self.engine, load_from, universal=universal, rank=env.rank,
-                                   world_size=env.world_size)
-            print0(f"resumed from {resume} at step {self.state.step} (sample {self.state.samples})",
-                   is_main=env.is_main)
+            self.state = ckpt.load(
+                self.engine, load_from, universal=universal, rank=env.rank, world_size=env.world_size
+            )
+            print0(
+                f"resumed from {resume} at step {self.state.step} (sample {self.state.samples})",
+                is_main=env.is_main,
+            )
         self.metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
         self.flops_per_token = flops_per_token(cfg.model)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_for(name, cfg.train.precision)
         self._stop_signal = 0
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self._prefetched: tuple[tuple[int, int], Future[torch.Tensor]] | None = None
         self._pending: list[tuple[int, int, float, torch.Tensor, Any, float]] = []
 
     # -- run directory --------------------------------------------------------------------------
@@ -130,7 +169,7 @@ class Trainer:
                 error = str(exc)
         error = broadcast_object(error)
         if error:
-            raise UserError(error)
+            raise SharedUserError(error)
 
     def _write_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,12 +185,29 @@ class Trainer:
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
 
     # -- the step -----------------------------------------------------------------------------
-    def _rank_indices(self, batch: int) -> list[int]:
-        """This rank's sample indices for the next step. Row (m*W + r)*micro + i of the global batch goes
-        to rank r's micro step m, so any world size sees the same global batch."""
+    def _rank_indices(self, samples: int, batch: int) -> list[int]:
+        """This rank's sample indices for the step starting at global sample `samples`. Row (m*W + r)*micro + i
+        of the global batch goes to rank r's micro step m, so any world size sees the same global batch."""
         micro, world, r = self.cfg.train.micro_batch, self.env.world_size, self.env.rank
         gas = batch // (micro * world)
-        return [self.state.samples + (m * world + r) * micro + i for m in range(gas) for i in range(micro)]
+        return [samples + (m * world + r) * micro + i for m in range(gas) for i in range(micro)]
+
+    def _load_batch(self, samples: int, batch: int) -> torch.Tensor:
+        data = self.mixture.batch(self._rank_indices(samples, batch))
+        return data.pin_memory() if self.env.device.type == "cuda" else data
+
+    def _next_batch(self, batch: int) -> torch.Tensor:
+        """This step's batch, prefetched during the previous step by a background thread (the sample at
+        index g is a pure function of g, so reading ahead changes nothing); then queue the next one."""
+        key = (self.state.samples, batch)
+        if self._prefetched is not None and self._prefetched[0] == key:
+            data = self._prefetched[1].result()
+        else:
+            data = self._load_batch(*key)
+        after = self.state.samples + batch
+        next_batch = self.schedule.batch_size(self.state.tokens + batch * self.cfg.model.n_ctx)
+        self._prefetched = ((after, next_batch), self._loader.submit(self._load_batch, after, next_batch))
+        return data.to(self.env.device, non_blocking=True)
 
     def train_step(self) -> tuple[torch.Tensor, float, int]:
         """One optimizer step (all its accumulation micro steps). Returns the rank's mean loss as a
@@ -159,25 +215,12 @@ class Trainer:
         batch = self.schedule.batch_size(self.state.tokens)
         if batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(batch)  # batch ramp: more accumulation, same micro batch
-        n_ctx, micro = self.cfg.model.n_ctx, self.cfg.train.micro_batch
-        lr = self.schedule.lr(self.state.tokens + batch * n_ctx)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        data = self.mixture.batch(self._rank_indices(batch))
-        if self.env.device.type == "cuda":
-            data = data.pin_memory().to(self.env.device, non_blocking=True)
-        self.engine.train()
-        total = torch.zeros((), device=self.env.device)
-        for chunk in data.split(micro):
-            _, loss = self.engine(chunk[:, :-1], chunk[:, 1:])
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().float()
-        gas = batch // (micro * self.env.world_size)
+        lr = self.schedule.lr(self.state.tokens + batch * self.cfg.model.n_ctx)
+        loss = engine_step(self.engine, self._next_batch(batch), self.cfg.train.micro_batch, lr)
         self.state.step += 1
         self.state.samples += batch
-        self.state.tokens += batch * n_ctx
-        return total / gas, lr, batch
+        self.state.tokens += batch * self.cfg.model.n_ctx
+        return loss, lr, batch
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -222,9 +265,14 @@ class Trainer:
             if self.metrics is None:
                 continue
             record: dict[str, Any] = {
-                "step": step, "tokens": tokens, "loss": loss, "lr": lr,
+                "step": step,
+                "tokens": tokens,
+                "loss": loss,
+                "lr": lr,
                 "grad_norm": None if gnorm is None else float(gnorm),
-                "tokens_per_sec": self._tps, "mfu": self._mfu, "world_size": self.env.world_size,
+                "tokens_per_sec": self._tps,
+                "mfu": self._mfu,
+                "world_size": self.env.world_size,
                 "elapsed_s": round(elapsed, 3),
             }
             record.update((extra or {}).get(step, {}))
@@ -241,20 +289,33 @@ class Trainer:
         return bool(flag.item())
 
     def save(self) -> Path:
-        return ckpt.save(self.engine, self.state, cfg=self.cfg, config_yaml=self.config_yaml, run_dir=self.run_dir,
-                         world_size=self.env.world_size, rank=self.env.rank, meta=self.meta)
+        return ckpt.save(
+            self.engine,
+            self.state,
+            cfg=self.cfg,
+            config_yaml=self.config_yaml,
+            run_dir=self.run_dir,
+            world_size=self.env.world_size,
+            rank=self.env.rank,
+            meta=self.meta,
+        )
 
     def fit(self) -> int:
         cfg, env = self.cfg, self.env
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._signal)
         if self.state.step >= cfg.train.max_steps:
-            print0(f"already at step {self.state.step} >= train.max_steps={cfg.train.max_steps}; nothing to do",
-                   is_main=env.is_main)
+            print0(
+                f"already at step {self.state.step} >= train.max_steps={cfg.train.max_steps}; nothing to do",
+                is_main=env.is_main,
+            )
             return 0
-        print0(f"training {cfg.run.dir}: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters, "
-               f"{env.world_size} process(es) on {env.device.type}, ZeRO-{cfg.train.zero_stage}, "
-               f"{cfg.train.precision}, global batch {self.batch} x {cfg.model.n_ctx} tokens", is_main=env.is_main)
+        print0(
+            f"training {cfg.run.dir}: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters, "
+            f"{env.world_size} process(es) on {env.device.type}, ZeRO-{cfg.train.zero_stage}, "
+            f"{cfg.train.precision}, global batch {self.batch} x {cfg.model.n_ctx} tokens",
+            is_main=env.is_main,
+        )
         bar = None
         if env.is_main and cfg.log.progress and stderr_is_tty():
             from tqdm import tqdm
@@ -286,8 +347,10 @@ class Trainer:
                     extra = {step: self.evaluate()} if evaluate else None
                     self._flush(extra)
                     if env.is_main:
-                        line = (f"step {step}/{cfg.train.max_steps} loss {self._last_loss:.4f} lr {lr:.2e} "
-                                f"{self._tps:,.0f} tok/s")
+                        line = (
+                            f"step {step}/{cfg.train.max_steps} loss {self._last_loss:.4f} lr {lr:.2e} "
+                            f"{self._tps:,.0f} tok/s"
+                        )
                         if extra:
                             line += f" | val_loss {extra[step]['val_loss']:.4f} val_bpb {extra[step]['val_bpb']:.3f}"
                         if bar is not None:
@@ -302,17 +365,23 @@ class Trainer:
                     path = self.save()
                     print0(f"saved {path}", is_main=env.is_main)
                 if stopped_by:
-                    print0(f"received a stop signal: saved step {self.state.step} to {path} and stopped; "
-                           "run the same command again to resume", is_main=env.is_main)
+                    print0(
+                        f"received a stop signal: saved step {self.state.step} to {path} and stopped; "
+                        "run the same command again to resume",
+                        is_main=env.is_main,
+                    )
                     break
         except TrainingDiverged as exc:
-            raise UserError(f"{exc}; nothing was saved for it (the last good checkpoint is untouched). "
-                            "Lower optim.lr, raise schedule.warmup_tokens, or use train.precision=fp32") from exc
+            raise UserError(
+                f"{exc}; nothing was saved for it (the last good checkpoint is untouched). "
+                "Lower optim.lr, raise schedule.warmup_tokens, or use train.precision=fp32"
+            ) from exc
         finally:
             if bar is not None:
                 bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+            self._loader.shutdown(wait=True, cancel_futures=True)
         return 0
 
 

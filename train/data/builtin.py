@@ -21,7 +21,13 @@ BUILTIN_VERSION = 1
 
 # --- arithmetic (GPT-3 Section 3.9: "Q: What is 48 plus 76? A: 124") -----------------------------------
 
-ARITHMETIC_TASKS: tuple[tuple[str, int], ...] = (("plus", 2), ("plus", 3), ("minus", 2), ("minus", 3), ("times", 2))
+ARITHMETIC_TASKS: tuple[tuple[str, int], ...] = (
+    ("plus", 2),
+    ("plus", 3),
+    ("minus", 2),
+    ("minus", 3),
+    ("times", 2),
+)
 """(operation, digits) pairs the corpus draws from: 2-3 digit + and -, 2-digit x."""
 
 
@@ -94,7 +100,9 @@ def scramble(rng: random.Random, word: str, kind: str) -> str:
         k = rng.randint(1, max(1, len(word) - 1))
         return word[k:] + word[:k]
     if kind == "insert":
-        return "".join(c + (rng.choice(_INSERTS) if i < len(word) - 1 and rng.random() < 0.5 else "") for i, c in enumerate(word))
+        return "".join(
+            c + (rng.choice(_INSERTS) if i < len(word) - 1 and rng.random() < 0.5 else "") for i, c in enumerate(word)
+        )
     if kind in ("anagram1", "anagram2"):
         keep = 1 if kind == "anagram1" else 2
         head, mid, tail = word[:keep], list(word[keep:-keep]), word[-keep:]

@@ -130,9 +130,7 @@ def check_tokenizer(tok: Tokenizer, model_vocab: int, origin: str) -> None:
 
 
 def is_byte_level(tok: Tokenizer) -> bool:
-    spec = json.loads(tok.to_str())
-    pre, dec = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
-    return pre.get("type") == "ByteLevel" and dec.get("type") == "ByteLevel"
+    return isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) and isinstance(tok.decoder, decoders.ByteLevel)
 
 
 def is_chunk_safe(tok: Tokenizer) -> bool:
@@ -142,13 +140,12 @@ def is_chunk_safe(tok: Tokenizer) -> bool:
     start whitespace runs), and BPE merges never cross pre-tokens, so such cuts are invisible. Other
     pre-tokenizers (Metaspace, Llama-3-style regexes, normalizers) get whole documents instead.
     """
-    spec = json.loads(tok.to_str())
-    pre = spec.get("pre_tokenizer") or {}
+    pre = tok.pre_tokenizer
     return (
-        spec.get("normalizer") is None
-        and pre.get("type") == "ByteLevel"
-        and not pre.get("add_prefix_space", False)
-        and pre.get("use_regex", True)
+        tok.normalizer is None
+        and isinstance(pre, pre_tokenizers.ByteLevel)
+        and not pre.add_prefix_space
+        and pre.use_regex
     )
 
 
@@ -186,8 +183,23 @@ def split_safe(text: str, target: int) -> list[str]:
     return pieces
 
 
-def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a tokenizer."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes: a cheap first check that a stored tokenizer.json is unchanged."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> str:
+    """Write under a temporary name, then rename (a reader never sees half a tokenizer); return the
+    sha256 of the bytes written. An identical file is left untouched."""
+    data = tok.to_str(pretty=True).encode("utf-8")
+    sha = hashlib.sha256(data).hexdigest()
+    if path.is_file() and file_sha256(path) == sha:
+        return sha
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return sha

@@ -1,0 +1,433 @@
+"""`scalegpt plan CONFIG [--gpus N] [--gpu-memory GB] [--tflops T]`: will a run fit, with which micro
+batch, and how long will it take? Arithmetic only (model/flops.py): nothing is allocated or launched.
+
+``make_plan`` returns a Plan of numbers for tests and benchmarks (a GPU benchmark compares a real
+run's peak memory with ``Plan.peak.total``); ``format_plan`` turns it into the printed report. On CPU,
+DeepSpeed ZeRO-2 runs of the smoke model peak 4-6% below ``Plan.peak.total`` (tests/test_plan.py).
+
+Which model-state accounting the plan *uses* (for the peak and the recommended micro batch): for
+ZeRO-2 runs, DeepSpeed's own estimate (2Ψ + 18Ψ/N in 16 bits, 4Ψ + 16Ψ/N in fp32; see
+``deepspeed_zero2_model_states``), because that is what DeepSpeed allocates and what tests/test_plan.py
+measures; for stages 0, 1 and 3, the ZeRO paper's (16Ψ split by stage). Both are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from ..model.config import ModelConfig
+from ..model.flops import (
+    DEEPSPEED_REDUCE_BUCKET_SIZE,
+    PEAK_FLOPS,
+    ActivationMemory,
+    GiB,
+    ModelStateBytes,
+    activation_memory,
+    count_params,
+    deepspeed_zero2_model_states,
+    flops_per_token,
+    value_bytes,
+    zero_bucket_bytes,
+    zero_model_states,
+)
+from ..train.config import Config, load_config
+from ..train.engine import deepspeed_config
+from ..train.errors import UserError
+
+HEADROOM = 0.10
+"""Fraction of GPU memory kept free: the CUDA context and kernels (~0.5-1 GiB), NCCL buffers, and the
+caching allocator's fragmentation, none of which the arithmetic counts."""
+
+MAX_MICRO_BATCH = 1024
+"""Largest micro batch tried when train.global_batch is 0 (so any micro batch is allowed)."""
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Predicted peak bytes on one GPU for one micro batch. Two moments compete: the start of a
+    backward pass (every activation and the loss' peak alive, gradient buckets allocated) and the
+    optimizer step (activations and buckets freed, the fp32 gradient partition made)."""
+
+    states: float
+    """Parameters and optimizer states (with any fp32 master copy), alive throughout."""
+    grads: float
+    """The gradient partition in the training dtype. It fills up during backward while activations
+    are freed, so it adds to the backward peak only when an earlier micro batch's gradients are
+    being accumulated into (accumulation > 1)."""
+    buffers: float
+    """DeepSpeed's gradient-reduction buckets (ZeRO-1/2), alive during backward."""
+    activations: float
+    """Saved activations and the loss' peak (ActivationMemory.peak)."""
+    step_extra: float
+    """ZeRO-1/2's optimizer step: the flattened copy of the gradient partition and, in 16 bits, its
+    fp32 cast (``step`` in deepspeed/runtime/zero/stage_1_and_2.py)."""
+    accumulation: int
+    """Micro batches per optimizer step on this GPU."""
+
+    @property
+    def backward(self) -> float:
+        accumulated = self.grads if self.accumulation > 1 else 0.0
+        return self.states + accumulated + self.buffers + self.activations
+
+    @property
+    def step(self) -> float:
+        return self.states + self.grads + self.step_extra
+
+    @property
+    def total(self) -> float:
+        return max(self.backward, self.step)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """A micro batch that fits, and the accumulation that makes it reach the global batch."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    peak: PeakMemory
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `scalegpt plan` prints, as numbers (bytes, FLOPs, seconds)."""
+
+    model: ModelConfig
+    gpus: int
+    gpu_memory: float
+    """Bytes per GPU (--gpu-memory, read as GiB)."""
+    usable_memory: float
+    """gpu_memory less HEADROOM: what the peak must stay under."""
+    tflops: float
+    precision: str
+    zero_stage: int
+    cpu_offload: bool
+    params: int
+    params_non_embedding: int
+    flops_per_token: float
+    zero_mixed: tuple[ModelStateBytes, ...]
+    """ZeRO paper, mixed-precision Adam (2+2+12 bytes per parameter), indexed by stage 0-3."""
+    zero_fp32: tuple[ModelStateBytes, ...]
+    """ZeRO paper's split applied to fp32 Adam (4+4+8, no master copy), indexed by stage 0-3."""
+    deepspeed_zero2: ModelStateBytes
+    """DeepSpeed's ZeRO-2 estimate in the config's precision (and offload setting)."""
+    model_states: ModelStateBytes
+    """The accounting used below for the configured stage (see the module docstring)."""
+    micro_batch: int
+    checkpointing: bool
+    activations: ActivationMemory
+    """At the configured micro batch, flash attention (what the model runs)."""
+    activations_no_flash: ActivationMemory
+    """At the configured micro batch, attention probabilities materialized (Korthikanti et al.)."""
+    peak: PeakMemory
+    """At the configured micro batch and activation-checkpointing setting."""
+    global_batch: int
+    """Sequences per optimizer step (train.global_batch, or micro batch x GPUs when that is 0)."""
+    grad_accum: int | None
+    """Accumulation steps at the configured micro batch; None when it cannot reach global_batch."""
+    recommended: BatchChoice | None
+    """Largest micro batch that fits without activation checkpointing, if any."""
+    recommended_checkpointing: BatchChoice | None
+    """Largest micro batch that fits with activation checkpointing, if any."""
+    batch_error: str | None
+    """Why the global batch cannot be reached exactly on this many GPUs, if it cannot."""
+    tokens_per_step: int
+    step_seconds: float
+    """tokens_per_step x flops_per_token / (gpus x tflops)."""
+    max_steps: int
+    train_days: float
+
+
+def _bucket_bytes(cfg: Config, gpus: int) -> float:
+    """ZeRO-1/2 gradient buckets, read from the DeepSpeed JSON the engine will generate (one source of
+    truth: a `deepspeed:` pass-through of zero_optimization.reduce_bucket_size is seen here too)."""
+    if cfg.train.zero_stage not in (1, 2):
+        return 0.0
+    zero = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=1)["zero_optimization"]
+    if not zero.get("contiguous_gradients", True):  # DeepSpeed's default is on
+        return 0.0
+    try:
+        size = int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_SIZE)))
+    except (TypeError, ValueError):
+        size = DEEPSPEED_REDUCE_BUCKET_SIZE
+    return zero_bucket_bytes(
+        precision=cfg.train.precision, reduce_bucket_size=size, overlap_comm=bool(zero.get("overlap_comm", False))
+    )
+
+
+def _states_for_stage(cfg: Config, n_params: int, gpus: int) -> ModelStateBytes:
+    """The model states `plan` uses for the configured stage (see the module docstring)."""
+    t = cfg.train
+    if t.zero_stage == 2:
+        return deepspeed_zero2_model_states(n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload)
+    states = zero_model_states(n_params, stage=t.zero_stage, gpus=gpus, precision=t.precision)
+    if t.cpu_offload:  # ZeRO-Offload moves the optimizer states (and their step) to the host
+        states = ModelStateBytes(params=states.params, grads=states.grads, optimizer=0.0, offloaded=states.optimizer)
+    return states
+
+
+def peak_memory(cfg: Config, gpus: int, micro_batch: int, checkpointing: bool, accumulation: int = 1) -> PeakMemory:
+    """Predicted per-GPU peak for this config on `gpus` GPUs at one micro batch."""
+    t = cfg.train
+    n_params = count_params(cfg.model)
+    v = value_bytes(t.precision)
+    states = _states_for_stage(cfg, n_params, gpus)
+    grads = states.grads
+    step_extra = 0.0
+    if t.zero_stage in (1, 2) and not t.cpu_offload:
+        partition = v * n_params / gpus
+        fp32_copy = 0.0 if v == 4 else 4 * n_params / gpus
+        if t.zero_stage == 2:
+            grads = partition  # states.grads also holds the fp32 copy, which exists only in the step
+        step_extra = partition + fp32_copy
+    buffers = _bucket_bytes(cfg, gpus)
+    acts = activation_memory(cfg.model, micro_batch, precision=t.precision, flash=True)
+    return PeakMemory(
+        states=states.params + states.optimizer,
+        grads=grads,
+        buffers=buffers,
+        activations=acts.peak(checkpointing),
+        step_extra=step_extra,
+        accumulation=accumulation,
+    )
+
+
+def _divisors_descending(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]), reverse=True)
+
+
+def _choose(cfg: Config, gpus: int, usable: float, checkpointing: bool, per_gpu: int | None) -> BatchChoice | None:
+    """Largest micro batch that fits: a divisor of the per-GPU batch when the global batch is fixed
+    (the GPT-3 batches are powers of two, so this is the largest power of two), else a power of two."""
+    if per_gpu is None:
+        candidates = [2**k for k in range(int(math.log2(MAX_MICRO_BATCH)), -1, -1)]
+    else:
+        candidates = _divisors_descending(per_gpu)
+    for micro in candidates:  # peak grows with the micro batch, so the first that fits is the largest
+        accum = 1 if per_gpu is None else per_gpu // micro
+        peak = peak_memory(cfg, gpus, micro, checkpointing, accum)
+        if peak.total <= usable:
+            return BatchChoice(micro_batch=micro, grad_accum=accum, checkpointing=checkpointing, peak=peak)
+    return None
+
+
+def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Plan:
+    """The plan for `cfg` on `gpus` data-parallel GPUs of `gpu_memory_gb` GiB each, sustaining `tflops`
+    model TFLOP/s each (MFU x peak; recompute is not added). Raises UserError on bad arguments."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise UserError(f"--gpus must be a positive integer, got {gpus}")
+    if not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise UserError(f"--gpu-memory must be a positive number of GB per GPU, got {gpu_memory_gb}")
+    if not (math.isfinite(tflops) and tflops > 0):
+        raise UserError(f"--tflops must be a positive number, got {tflops}")
+    m, t = cfg.model, cfg.train
+    n_params = count_params(m)
+    gpu_memory = gpu_memory_gb * GiB
+    usable = gpu_memory * (1 - HEADROOM)
+    states = _states_for_stage(cfg, n_params, gpus)
+
+    batch_error = None
+    if t.global_batch:
+        global_batch = t.global_batch
+        if global_batch % gpus:
+            per_gpu = None
+            batch_error = (
+                f"train.global_batch={global_batch} cannot be split evenly over {gpus} GPUs; use a GPU count "
+                f"that divides {global_batch}, or set train.global_batch to a multiple of {gpus}"
+            )
+        else:
+            per_gpu = global_batch // gpus
+        grad_accum = per_gpu // t.micro_batch if per_gpu and per_gpu % t.micro_batch == 0 else None
+    else:
+        global_batch, per_gpu, grad_accum = t.micro_batch * gpus, None, 1
+
+    if batch_error:
+        recommended = recommended_ckpt = None
+    else:
+        recommended = _choose(cfg, gpus, usable, False, per_gpu)
+        recommended_ckpt = _choose(cfg, gpus, usable, True, per_gpu)
+
+    tokens_per_step = global_batch * m.n_ctx
+    fpt = flops_per_token(m)
+    step_seconds = tokens_per_step * fpt / (gpus * tflops * 1e12)
+    return Plan(
+        model=m,
+        gpus=gpus,
+        gpu_memory=gpu_memory,
+        usable_memory=usable,
+        tflops=tflops,
+        precision=t.precision,
+        zero_stage=t.zero_stage,
+        cpu_offload=t.cpu_offload,
+        params=n_params,
+        params_non_embedding=count_params(m, non_embedding=True),
+        flops_per_token=fpt,
+        zero_mixed=tuple(zero_model_states(n_params, stage=s, gpus=gpus, precision="bf16") for s in range(4)),
+        zero_fp32=tuple(zero_model_states(n_params, stage=s, gpus=gpus, precision="fp32") for s in range(4)),
+        deepspeed_zero2=deepspeed_zero2_model_states(
+            n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload
+        ),
+        model_states=states,
+        micro_batch=t.micro_batch,
+        checkpointing=t.activation_checkpointing,
+        activations=activation_memory(m, t.micro_batch, precision=t.precision, flash=True),
+        activations_no_flash=activation_memory(m, t.micro_batch, precision=t.precision, flash=False),
+        peak=peak_memory(cfg, gpus, t.micro_batch, t.activation_checkpointing, grad_accum or 1),
+        global_batch=global_batch,
+        grad_accum=grad_accum,
+        recommended=recommended,
+        recommended_checkpointing=recommended_ckpt,
+        batch_error=batch_error,
+        tokens_per_step=tokens_per_step,
+        step_seconds=step_seconds,
+        max_steps=t.max_steps,
+        train_days=t.max_steps * step_seconds / 86400,
+    )
+
+
+def _unit(plan: Plan) -> tuple[str, float]:
+    """GiB for real models, MiB when everything but DeepSpeed's fixed-size buckets is under 1 GiB."""
+    largest = max(plan.zero_mixed[0].total, plan.activations_no_flash.without_checkpointing)
+    return ("GiB", GiB) if largest >= GiB else ("MiB", 2.0**20)
+
+
+def _count(n: float) -> str:
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:,.3g}{suffix}"
+    return f"{n:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    for size, name in ((86400.0, "days"), (3600.0, "hours"), (60.0, "minutes")):
+        if seconds >= size:
+            return f"{seconds / size:,.3g} {name}"
+    return f"{seconds:.3g} s"
+
+
+def format_plan(plan: Plan, source: str = "") -> str:
+    """The human-readable report of a Plan."""
+    m, p = plan.model, plan.peak
+    unit, scale = _unit(plan)
+    lines: list[str] = []
+    add = lines.append
+
+    def mem(x: float, width: int = 0) -> str:
+        return f"{x / scale:>{width},.2f}"
+
+    def choice_line(label: str, choice: BatchChoice | None) -> str:
+        if choice is None:
+            return (
+                f"  {label}: nothing fits, even micro batch 1; use more GPUs, ZeRO-3 (train.zero_stage=3), "
+                "train.cpu_offload=true or a smaller model"
+            )
+        batch = choice.micro_batch * choice.grad_accum * plan.gpus
+        return (
+            f"  {label}: micro batch {choice.micro_batch} x accumulation {choice.grad_accum} x {plan.gpus} GPU(s) "
+            f"= global batch {batch}; peak {mem(choice.peak.total)} {unit}"
+        )
+
+    offload = ", ZeRO-Offload" if plan.cpu_offload else ""
+    add(
+        f"plan for {source or 'config'}: {plan.gpus} GPU(s) x {plan.gpu_memory / GiB:g} GiB, {plan.precision}, "
+        f"ZeRO-{plan.zero_stage}{offload}"
+    )
+    add("")
+    add(
+        f"parameters       {plan.params:,} ({plan.params_non_embedding:,} without the position embedding); "
+        f"{m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, n_ctx {m.n_ctx}, vocab {m.vocab_size}"
+    )
+    add(f"training FLOPs   {plan.flops_per_token:.4g} per token (6N + 12·L·d·T, PaLM Appendix B)")
+    add("")
+    add(f"model states per GPU on {plan.gpus} GPU(s), {unit} (Ψ = {plan.params:,}):")
+    add("  ZeRO   mixed precision: params   grads  optimizer    total  |  fp32: total  |  DeepSpeed estimate")
+    for stage in range(4):
+        mp, f32 = plan.zero_mixed[stage], plan.zero_fp32[stage]
+        ds = mem(plan.deepspeed_zero2.total, 10) if stage == 2 else f"{'-':>10}"
+        add(
+            f"  {stage:<4} {mem(mp.params, 24)} {mem(mp.grads, 7)} {mem(mp.optimizer, 10)} {mem(mp.total, 8)}"
+            f"  |  {mem(f32.total, 11)}  |  {ds}"
+        )
+    add(
+        "  ZeRO paper: mixed precision 2Ψ + 2Ψ + 12Ψ, fp32 4Ψ + 4Ψ + 8Ψ (no master copy); stage 1 splits the "
+        "optimizer states over N, 2 also the gradients, 3 also the parameters."
+    )
+    formula = (
+        "4Ψ + 16Ψ/N (its fp32 mode still clones an fp32 master partition)"
+        if plan.precision == "fp32"
+        else "2Ψ + 18Ψ/N (estimate_zero2_model_states_mem_needs)"
+    )
+    host = f", {mem(plan.deepspeed_zero2.offloaded)} {unit} of it in host memory" if plan.cpu_offload else ""
+    add(f"  DeepSpeed's ZeRO-2 estimate ({plan.precision}): {formula}{host}.")
+    used = "DeepSpeed's estimate" if plan.zero_stage == 2 else "the ZeRO paper's accounting"
+    add(f"  Used below for ZeRO-{plan.zero_stage}: {used}, {mem(plan.model_states.total)} {unit} on the GPU.")
+    if p.buffers:
+        add(
+            f"  Plus ZeRO gradient buckets during backward: {mem(p.buffers)} {unit} "
+            "(deepspeed.zero_optimization.reduce_bucket_size, doubled by overlap_comm)."
+        )
+    if plan.zero_stage == 3:
+        add("  ZeRO-3's prefetch and gather buffers are not modeled.")
+    add("")
+    a, n = plan.activations, plan.activations_no_flash
+    add(f"activations per GPU at micro batch {plan.micro_batch} ({plan.precision} values), {unit}:")
+    add("                                         per layer   all layers + loss peak")
+    add(f"  attention probabilities (Korthikanti) {mem(n.layer, 11)} {mem(n.without_checkpointing, 16)}")
+    add(f"  flash attention (what runs)           {mem(a.layer, 11)} {mem(a.without_checkpointing, 16)}")
+    add(f"  flash + activation checkpointing      {mem(a.layer_input, 11)} {mem(a.with_checkpointing, 16)}")
+    add(f"  of which the loss (b·s·V logits)      {'':>11} {mem(a.logits, 16)}")
+    add("")
+    ckpt = "with" if plan.checkpointing else "without"
+    verdict = "fits" if p.total <= plan.usable_memory else "DOES NOT FIT"
+    add(
+        f"peak per GPU at micro batch {plan.micro_batch}, {ckpt} activation checkpointing: {mem(p.total)} {unit} "
+        f"of {mem(plan.usable_memory)} usable ({HEADROOM:.0%} headroom): {verdict}"
+    )
+    accumulated = f" + accumulated gradients {mem(p.grads)}" if p.accumulation > 1 else ""
+    add(
+        f"  backward {mem(p.backward)} = states {mem(p.states)}{accumulated} + buckets {mem(p.buffers)} "
+        f"+ activations {mem(p.activations)}; optimizer step {mem(p.step)}"
+    )
+    add("")
+    if plan.batch_error:
+        add(f"batch: {plan.batch_error}")
+    else:
+        if plan.grad_accum is None:
+            add(
+                f"batch: train.micro_batch={plan.micro_batch} does not divide the per-GPU batch "
+                f"{plan.global_batch // plan.gpus}; pick one of the micro batches below"
+            )
+        else:
+            add(
+                f"batch: global {plan.global_batch} sequences = micro {plan.micro_batch} x accumulation "
+                f"{plan.grad_accum} x {plan.gpus} GPU(s)"
+            )
+        add("recommended micro batch (largest that fits):")
+        add(choice_line("without activation checkpointing", plan.recommended))
+        add(choice_line("with activation checkpointing   ", plan.recommended_checkpointing))
+    add("")
+    h100 = plan.tflops * 1e12 / PEAK_FLOPS["H100"]
+    add(
+        f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
+        f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x {plan.tflops:g}e12) "
+        f"= {plan.step_seconds:.3g} s"
+    )
+    add(
+        f"training time: {plan.max_steps:,} steps ({_count(plan.tokens_per_step * plan.max_steps)} tokens) = "
+        f"{_duration(plan.train_days * 86400)} on {plan.gpus} GPU(s)"
+    )
+    return "\n".join(lines)
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """`scalegpt plan`: print the plan; a global batch that cannot be reached exactly is an error
+    (after the report, so the rest of it is still seen)."""
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.gpus, args.gpu_memory, args.tflops)
+    print(format_plan(plan, str(args.config)), flush=True)
+    if plan.batch_error:
+        raise UserError(plan.batch_error)
+    return 0

@@ -1,0 +1,207 @@
+"""Checkpoints end to end: exact resume, a change of world size, preemption, kill -9, mismatch,
+corruption. Every run is a real `scalegpt` process (or two ranks under DeepSpeed's launcher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEN_STEPS
+from e2e import SMALL_DATA, SMOKE, fork_run, losses, metrics, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("procs", "precision"), [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+def test_resume_is_bitwise_exact(reference_runs, prepared: Path, tmp_path: Path, procs: int, precision: str) -> None:  # noqa: ANN001
+    """10 steps in one go == 5 steps, a resume, then 5 more: the same losses, bit for bit."""
+    ref = reference_runs(procs, precision)
+    resumed = fork_run(ref, tmp_path / "resumed", "step_000005")
+    proc = train(resumed, prepared, *TEN_STEPS, f"train.precision={precision}", procs=procs)
+    assert "resumed from" in proc.stdout and "at step 5 (sample 80)" in proc.stdout
+    want, got = losses(ref), losses(resumed)
+    assert sorted(got) == list(range(6, 11))
+    assert [got[s] for s in got] == [want[s] for s in got]  # exact equality, not a tolerance
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_a_different_world_size(
+    reference_runs,
+    prepared: Path,
+    tmp_path: Path,
+    before: int,  # noqa: ANN001
+    after: int,
+) -> None:
+    """Through DeepSpeed's universal checkpoint. Losses continue within 1e-4 relative (only the order of
+    floating-point sums changes), and the sample order continues: nothing skipped, nothing repeated."""
+    ref = reference_runs(before)
+    resumed = fork_run(ref, tmp_path / "resumed", "step_000005")
+    proc = train(resumed, prepared, *TEN_STEPS, procs=after)
+    assert f"written by {before}" in proc.stdout and "universal" in proc.stdout
+    want, got = losses(ref), losses(resumed)
+    assert sorted(got) == list(range(6, 11))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-4 * want[step], (step, got[step], want[step])
+    tokens = [m["tokens"] for m in metrics(resumed)]
+    assert tokens == [step * 16 * 128 for step in range(6, 11)]  # continues at sample 80, 16 per step
+    assert metrics(resumed)[-1]["world_size"] == after
+
+
+def _start(run: Path, prepared: Path, *overrides: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalegpt",
+        "train",
+        SMOKE,
+        f"run.dir={run}",
+        f"data.dir={prepared}",
+        *SMALL_DATA,
+        "train.max_steps=100000",
+        "log.every=1",
+        "eval.every=0",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen[str], timeout: float = 180) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def _steps_logged(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_and_exits_0(prepared: Path, tmp_path: Path, signum: int) -> None:
+    proc = _start(tmp_path, prepared)
+    _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "received a stop signal" in out
+    tag = (tmp_path / "checkpoints" / "latest").read_text()
+    step = json.loads((tmp_path / "checkpoints" / tag / "scalegpt.json").read_text())["step"]
+    assert step == metrics(tmp_path)[-1]["step"] >= 3  # saved the step it finished
+
+
+def test_signal_through_the_launcher_reaches_both_ranks(prepared: Path, tmp_path: Path) -> None:
+    from e2e import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalegpt",
+        "launch",
+        SMOKE,
+        "--procs",
+        "2",
+        "--master-port",
+        str(free_port()),
+        f"run.dir={tmp_path}",
+        f"data.dir={prepared}",
+        *SMALL_DATA,
+        "train.max_steps=100000",
+        "log.every=1",
+        "eval.every=0",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    tag = (tmp_path / "checkpoints" / "latest").read_text()
+    assert all(
+        (tmp_path / "checkpoints" / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in (0, 1)
+    )
+
+
+def test_kill_9_resumes_from_last_complete_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    proc = _start(tmp_path, prepared, "checkpoint.every=2", "checkpoint.keep=2")
+    latest = tmp_path / "checkpoints" / "latest"
+    _wait_for(lambda: latest.exists() and latest.read_text() >= "step_000004", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tag = latest.read_text()
+    # a save that died half way: a newer step directory without scalegpt.json, and not in `latest`
+    half = tmp_path / "checkpoints" / "step_999999"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    step = int(tag.split("_")[1])
+    resumed = train(
+        tmp_path,
+        prepared,
+        f"train.max_steps={step + 2}",
+        "log.every=1",
+        "eval.every=0",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+    )
+    assert f"at step {step} " in resumed.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step + 2:06d}"
+
+
+def test_resume_with_another_model_or_tokenizer_names_the_difference(
+    reference_runs,
+    prepared: Path,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    ref = reference_runs(1)
+    ckpt = ref / "checkpoints" / "step_000005"
+    proc = train(tmp_path / "a", prepared, *TEN_STEPS, f"checkpoint.resume={ckpt}", "model.n_layer=3", check=False)
+    assert proc.returncode == 2 and "model.n_layer: checkpoint 2, now 3" in proc.stderr
+    other = tmp_path / "other_data"
+    from e2e import scalegpt
+
+    scalegpt("prepare", SMOKE, f"data.dir={other}", *SMALL_DATA, "data.sources.0.builtin_mb=0.35")
+    proc = train(tmp_path / "b", other, *TEN_STEPS, f"checkpoint.resume={ckpt}", check=False)
+    assert proc.returncode == 2 and ("tokenizer" in proc.stderr or "data manifest" in proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(
+    reference_runs,
+    prepared: Path,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    ref = reference_runs(1)
+    run = fork_run(ref, tmp_path / "run", "step_000010")
+    import shutil
+
+    shutil.copytree(ref / "checkpoints" / "step_000005", run / "checkpoints" / "step_000005")
+    bad = run / "checkpoints" / "step_000010" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
+    proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", check=False)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "corrupt" in proc.stderr
+    proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", "checkpoint.fallback=true")
+    assert "falling back to step_000005" in proc.stderr and "at step 5 " in proc.stdout
+
+
+def test_resume_never_refuses_existing_checkpoints(reference_runs, prepared: Path) -> None:  # noqa: ANN001
+    proc = train(reference_runs(1), prepared, *TEN_STEPS, "checkpoint.resume=never", check=False)
+    assert proc.returncode == 2 and "checkpoint.resume=never" in proc.stderr
+
+
+def test_keep_prunes_old_checkpoints(reference_runs) -> None:  # noqa: ANN001
+    ref = reference_runs(1)
+    tags = sorted(p.name for p in (ref / "checkpoints").glob("step_*"))
+    assert tags == ["step_000005", "step_000010"]  # keep=3, two were made
+    assert (ref / "checkpoints" / "latest").read_text() == "step_000010"

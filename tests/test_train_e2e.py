@@ -1,0 +1,121 @@
+"""Training end to end with real processes: 2 ranks equal 1, ZeRO-2 partitions, accumulation, smoke."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEN_STEPS
+from e2e import SMOKE, free_port, losses, metrics, scalegpt, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def fp32_runs(reference_runs) -> dict[int, Path]:  # noqa: ANN001
+    return {1: reference_runs(1), 2: reference_runs(2)}
+
+
+def test_two_processes_equal_one(fp32_runs: dict[int, Path]) -> None:
+    one, two = losses(fp32_runs[1]), losses(fp32_runs[2])
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+    assert one[10] < one[1]
+    records = metrics(fp32_runs[2])
+    assert {
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+        "world_size",
+        "elapsed_s",
+    } <= set(records[0])
+    assert records[-1]["world_size"] == 2 and records[-1]["tokens"] == 10 * 16 * 128
+    assert "val_loss" in records[4] and "val_bpb" in records[4] and "val_loss/arithmetic" in records[4]
+
+
+def test_zero2_partitions_optimizer_state(tmp_path: Path) -> None:
+    """Each of 2 ranks holds half the fp32 Adam state that ZeRO stage 0 holds on every rank."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist_probe.py"),
+        SMOKE,
+        str(tmp_path),
+    ]
+    subprocess.run(
+        cmd,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"},
+    )
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["stage0_adam_state"] == 2 * r["params"]  # exp_avg + exp_avg_sq for every parameter
+        # a half, up to DeepSpeed's alignment padding of the flat partition
+        assert abs(r["stage2_adam_state"] - r["stage0_adam_state"] / 2) <= 2 * 2 * 64
+        assert abs(r["stage2_fp32_partition"] - r["params"] / 2) <= 2 * 64
+
+
+def test_accumulation_equals_a_bigger_micro_batch(prepared: Path, tmp_path: Path) -> None:
+    """4 accumulation steps of micro batch 1 equal 1 step of micro batch 4."""
+    common = ["train.max_steps=3", "train.global_batch=4", "eval.every=0", "log.every=1"]
+    train(tmp_path / "acc", prepared, *common, "train.micro_batch=1")
+    train(tmp_path / "big", prepared, *common, "train.micro_batch=4")
+    acc, big = losses(tmp_path / "acc"), losses(tmp_path / "big")
+    for step in (1, 2, 3):
+        assert abs(acc[step] - big[step]) <= 1e-5 * big[step], (step, acc[step], big[step])
+
+
+def test_dry_run_prints_config_and_deepspeed_json() -> None:
+    out = scalegpt("train", SMOKE, "--dry-run").stdout
+    ds = json.loads(out[out.index("\n{") + 1 :])
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert "model:" in out and "n_layer: 2" in out
+
+
+def test_starting_over_a_different_run_is_an_error(fp32_runs: dict[int, Path], prepared: Path) -> None:
+    before = (fp32_runs[1] / "metrics.jsonl").read_text()
+    proc = train(fp32_runs[1], prepared, *TEN_STEPS, "optim.lr=0.01", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("scalegpt: error: run.dir")
+    assert "optim.lr" in proc.stderr and (fp32_runs[1] / "metrics.jsonl").read_text() == before
+
+
+def test_nan_loss_stops_the_run_and_saves_nothing(prepared: Path, tmp_path: Path) -> None:
+    proc = train(
+        tmp_path,
+        prepared,
+        "train.max_steps=10",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "schedule.warmup_tokens=0",
+        "log.every=1",
+        "eval.every=0",
+        check=False,
+    )
+    assert proc.returncode == 2 and "loss became nan" in proc.stderr.lower()
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_smoke_run_learns(smoke_run: Path) -> None:
+    records = metrics(smoke_run)
+    evals = [r for r in records if "val_loss" in r]
+    assert records[-1]["step"] == 200 and records[-1]["world_size"] == 2
+    assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]  # far below the first evaluation
+    assert evals[-1]["val_loss"] < 0.5 * __import__("math").log(512)  # and far below uniform guessing
+    assert (smoke_run / "checkpoints" / "latest").read_text() == "step_000200"

@@ -1,0 +1,444 @@
+"""The weighted mixture sampler: global sample index -> (source, window of n_ctx+1 tokens).
+
+GPT-3 draws each training sequence from source i with probability weight_i (Table 2.2), and within a
+source samples without replacement until an epoch boundary (Appendix B). Here sample g is a pure
+function of (seed, g, manifest, weights): no state, no RNG stream, so any rank can compute any sample,
+and world size, micro batch and resume cannot change the order.
+
+- Source choice is stratified: within each block of B samples, source i gets exactly its apportioned
+  share (Hamilton's largest-remainder rule on the cumulative count, so counts over any prefix of whole
+  blocks are within one sample of weight_i * n), at keyed pseudo-random positions.
+- A source's k-th sample is window perm_e(k mod W) of epoch e = k // W, where W windows of n_ctx+1
+  tokens tile the train split (adjacent windows share one token, so each token is a target once per
+  epoch) and perm_e is a keyed Feistel permutation: O(1) memory even for a 400B-token source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so `scalegpt prepare` starts faster
+    import torch
+
+from ..errors import UserError
+from .tokenizer import file_sha256, load_tokenizer, tokenizer_hash
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+"""Manifest layout version; prepare re-makes data written with another."""
+
+_WBITS = 24  # weights are quantized to multiples of 2^-24, so apportionment is exact integer arithmetic
+_WONE = 1 << _WBITS
+_MAX_SAMPLES = 1 << 38  # wq * n must stay below 2^63
+_BLOCK_MIN = 1024
+_BLOCK_MAX = 1 << 20
+_ROUNDS = 4
+_CACHE_BLOCKS = 64
+_M64 = (1 << 64) - 1
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest in data_dir, or None when there is none; UserError when it is unreadable."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); delete it to re-prepare every source") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "sources" not in manifest:
+        raise UserError(f"{path} is not a scalegpt manifest of format {FORMAT}; delete it to re-prepare every source")
+    return manifest
+
+
+def check_tokenizer_file(data_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """The tokenizer.json beside the tokens must be the one that made them, or decoding is wrong."""
+    path = Path(data_dir) / manifest["tokenizer_file"]
+    if path.is_file() and file_sha256(path) == manifest.get("tokenizer_file_sha256"):
+        return  # the very bytes prepare wrote
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so the tokens in {data_dir} cannot be decoded; re-run scalegpt prepare")
+    found = tokenizer_hash(load_tokenizer(path))
+    if found != manifest["tokenizer_hash"]:
+        raise UserError(
+            f"{Path(data_dir) / MANIFEST} was made by a different tokenizer (sha256 "
+            f"{manifest['tokenizer_hash'][:12]}) than {path} (sha256 {found[:12]}); restore the original "
+            f"tokenizer.json, or delete {Path(data_dir) / MANIFEST} to re-prepare every source"
+        )
+
+
+# --- keyed hashing and the Feistel permutation ----------------------------------------------------
+
+
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fast bijective scrambler of uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> _S30)) * _C1
+    z = (z ^ (z >> _S27)) * _C2
+    return z ^ (z >> _S31)
+
+
+def _key(*parts: np.ndarray | int) -> np.ndarray:
+    """Chain-hash integers (or arrays of them) into one uint64 key per element."""
+    with np.errstate(over="ignore"):
+        k = np.zeros(1, dtype=np.uint64)
+        for part in parts:
+            p = np.asarray(part)
+            p = p.astype(np.uint64) if p.dtype != object else np.asarray(int(p) & _M64, dtype=np.uint64)
+            k = _mix64(k ^ _mix64(p + np.uint64(0x9E3779B97F4A7C15)))
+        return k
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def feistel(x: np.ndarray, n: int, key: np.ndarray) -> np.ndarray:
+    """A keyed permutation of [0, n) applied to x (each element with its own key), in O(1) memory.
+
+    A Feistel network permutes [0, 2^bits) for the smallest 2^bits >= n (halves of unequal width when
+    bits is odd, swapping each round); cycle walking (re-applying it until the value lands below n)
+    restricts that to a permutation of [0, n), in under two walks on average.
+    """
+    x = np.asarray(x, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(x)
+    bits = max(2, (n - 1).bit_length())
+    widths = (bits - bits // 2, bits // 2)  # (left, right)
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
+    with np.errstate(over="ignore"):
+        round_keys = [_mix64(key ^ np.uint64((r + 1) * 0xD1B54A32D192ED03 & _M64)) for r in range(_ROUNDS)]
+
+        masks = (np.uint64((1 << widths[0]) - 1), np.uint64((1 << widths[1]) - 1))
+        shifts = (np.uint64(widths[0]), np.uint64(widths[1]))
+
+        def rounds(v: np.ndarray, sel: np.ndarray | slice) -> np.ndarray:
+            left, right = v >> shifts[1], v & masks[1]
+            for r, rk in enumerate(round_keys):  # (L, R) -> (R, L ^ F(R)): invertible whatever F is
+                left, right = right, left ^ (_mix64(right ^ rk[sel]) & masks[r % 2])
+            return (left << shifts[_ROUNDS % 2 ^ 1]) | right
+
+        y = rounds(x, slice(None))
+        out = np.flatnonzero(y >= np.uint64(n))
+        while out.size:
+            y[out] = rounds(y[out], out)
+            out = out[y[out] >= np.uint64(n)]
+    return y
+
+
+# --- the sampler ----------------------------------------------------------------------------------
+
+
+class Mixture:
+    """Global sample index -> (source, n_ctx+1 tokens), over the token files of one prepared data.dir.
+
+    weights default to those recorded by `scalegpt prepare`; pass tokenizer_hash to insist that the data
+    were made by that tokenizer (e.g. the one saved in a run directory being resumed).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        n_ctx: int,
+        seed: int,
+        weights: dict[str, float] | None = None,
+        *,
+        tokenizer_hash: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        manifest = read_manifest(self.data_dir)
+        if manifest is None:
+            raise UserError(f"no {MANIFEST} in {self.data_dir}; run `scalegpt prepare CONFIG` first")
+        check_tokenizer_file(self.data_dir, manifest)
+        self.manifest: dict[str, Any] = manifest
+        self.tokenizer_hash: str = manifest["tokenizer_hash"]
+        if tokenizer_hash is not None and tokenizer_hash != self.tokenizer_hash:
+            raise UserError(
+                f"the data in {self.data_dir} were made by a different tokenizer (sha256 "
+                f"{self.tokenizer_hash[:12]}) than expected (sha256 {tokenizer_hash[:12]}); prepare the data "
+                f"with the run's tokenizer, or start a new run"
+            )
+        if n_ctx < 1:
+            raise UserError(f"n_ctx must be positive, got {n_ctx}")
+        entries = manifest["sources"]
+        if not entries:
+            raise UserError(f"{self.data_dir / MANIFEST} lists no sources; run scalegpt prepare")
+        for e in entries:
+            if e["tokenizer_hash"] != self.tokenizer_hash:
+                raise UserError(
+                    f"source {e['name']!r} in {self.data_dir} was tokenized by another tokenizer than "
+                    f"tokenizer.json (an interrupted prepare?); re-run scalegpt prepare"
+                )
+        self.names: list[str] = [e["name"] for e in entries]
+        self.n_ctx, self.seed = int(n_ctx), int(seed)
+        self._entries = {e["name"]: e for e in entries}
+        self.raw_weights: dict[str, float] = self._check_weights(
+            {e["name"]: float(e["weight"]) for e in entries} if weights is None else dict(weights)
+        )
+        raw = np.array([self.raw_weights[n] for n in self.names], dtype=np.float64)
+        self.weights: np.ndarray = raw / raw.sum()
+        self._wq = self._quantize(self.weights)
+        self.block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self._wq.min())))  # every source >= 2 per block
+        if self.block > _BLOCK_MAX:
+            small = self.names[int(np.argmin(self.weights))]
+            raise UserError(
+                f"the weight of source {small!r} is under {2 / _BLOCK_MAX:.1g} of the total, too small to "
+                f"stratify; raise it or drop the source"
+            )
+
+        self._tokens = self._open_tokens()
+        self._train = np.array([e["train"]["tokens"] for e in entries], dtype=np.int64)
+        self.windows = (self._train - 1) // self.n_ctx
+        """Windows of n_ctx+1 tokens per epoch of each source's train split."""
+        for i, name in enumerate(self.names):
+            if self.windows[i] < 1:
+                raise UserError(
+                    f"source {name!r} has {self._train[i]} training tokens, fewer than one window of "
+                    f"n_ctx+1={self.n_ctx + 1}; add data to it, lower data.val_fraction, or use a smaller "
+                    f"model.n_ctx"
+                )
+        seed_key = _key(self.seed & _M64, 0x5EED)
+        self._block_seed = _key(seed_key, 0xB10C)
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._source_keys = np.array([int(_key(seed_key, _name_key(n))[0]) for n in self.names], dtype=np.uint64)
+
+    def _open_tokens(self) -> list[np.ndarray]:
+        dtype = np.dtype(self.manifest["dtype"])
+        out = []
+        for e in self.manifest["sources"]:
+            path = self.data_dir / e["file"]
+            size = path.stat().st_size if path.is_file() else -1
+            if size != e["tokens"] * dtype.itemsize:
+                raise UserError(f"token file {path} is missing, truncated or changed; re-run scalegpt prepare")
+            out.append(np.memmap(path, dtype=dtype, mode="r", shape=(e["tokens"],)))
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the token files (a memmap would pickle as a full copy); they reopen on load,
+        so DataLoader workers started with spawn share the page cache."""
+        state = dict(self.__dict__)
+        state["_tokens"], state["_cache"] = None, OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tokens = self._open_tokens()
+
+    def _check_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(self.names))
+        missing = [n for n in self.names if n not in weights]
+        if unknown or missing:
+            raise UserError(
+                f"mixture weights must name exactly the prepared sources {self.names} (unknown: {unknown}, "
+                f"missing: {missing}); re-run scalegpt prepare after changing data.sources"
+            )
+        for name, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise UserError(f"weight of source {name!r} must be a positive number, got {w!r}")
+        return {n: float(w) for n, w in weights.items()}
+
+    @staticmethod
+    def _quantize(w: np.ndarray) -> np.ndarray:
+        """Weights as integers summing to exactly 2^24 (largest remainders get the spare units)."""
+        scaled = w * _WONE
+        q = np.floor(scaled).astype(np.int64)
+        order = np.argsort(-(scaled - q), kind="stable")
+        spare = _WONE - int(q.sum())  # in [0, n) up to float rounding, which the loop absorbs
+        for k in range(abs(spare)):
+            q[order[k % len(q)] if spare > 0 else order[-1 - k % len(q)]] += 1 if spare > 0 else -1
+        if q.min() < 1:
+            raise UserError(f"a mixture weight below 2^-{_WBITS} of the total cannot be sampled; raise it")
+        return q
+
+    # -- index resolution --
+
+    def _cum(self, blocks: np.ndarray) -> np.ndarray:
+        """Samples of each source among the first blocks*B samples: (len(blocks), n_sources)."""
+        n = blocks.astype(np.int64) * self.block
+        prod = n[:, None] * self._wq[None, :]
+        floor, frac = prod >> _WBITS, prod & (_WONE - 1)
+        spare = n - floor.sum(axis=1)
+        order = np.argsort(-frac, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
+        return floor + (rank < spare[:, None])
+
+    def _layout(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """_block_layouts through a small cache: training reads consecutive indices, so one block's
+        layout serves many batches. Pure, so caching cannot change a sample."""
+        if len(blocks) == 0:
+            return np.zeros((0, self.block), np.int64), np.zeros((0, self.block), np.int64)
+        missing = [int(b) for b in blocks if int(b) not in self._cache]
+        if missing:
+            src, ordinal = self._block_layouts(np.array(missing, dtype=np.int64))
+            for j, b in enumerate(missing):
+                self._cache[b] = (src[j], ordinal[j])
+        pairs = [self._cache[int(b)] for b in blocks]
+        while len(self._cache) > max(_CACHE_BLOCKS, len(blocks)):
+            self._cache.popitem(last=False)
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def _block_layouts(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each block: the source of each of its B positions, and that sample's ordinal within its
+        source. Sources get their apportioned counts in keyed pseudo-random positions; a source's
+        ordinals increase with the position, so its samples run in order and an epoch ends before
+        the next begins."""
+        before = self._cum(blocks)
+        count = self._cum(blocks + 1) - before
+        bounds = np.cumsum(count, axis=1)  # (U, k): slot ranges of each source
+        u, b, k = len(blocks), self.block, len(self.names)
+        keys = np.repeat(_key(self._block_seed, blocks), b)
+        slots = feistel(np.tile(np.arange(b), u), b, keys).astype(np.int64).reshape(u, b)
+        row = np.arange(u)[:, None]
+        src = np.searchsorted((bounds + row * (b + 1)).ravel(), (slots + row * (b + 1)).ravel(), side="right")
+        src = src.reshape(u, b) - row * k
+        order = np.argsort(src, axis=1, kind="stable")  # grouped by source, positions ascending
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(b), (u, b)), axis=1)
+        first = np.take_along_axis(bounds - count, src, axis=1)  # start of each position's group
+        ordinal = np.take_along_axis(before, src, axis=1) + rank - first
+        return src, ordinal
+
+    def resolve(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, start offset in that source's token file) of each global sample index."""
+        g = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if g.size and (g.min() < 0 or g.max() >= _MAX_SAMPLES):
+            raise ValueError(f"sample indices must be in [0, {_MAX_SAMPLES}), got {g.min()}..{g.max()}")
+        blocks, pos = np.divmod(g, self.block)
+        uniq, inv = np.unique(blocks, return_inverse=True)
+        src_at, ordinal_at = self._layout(uniq)
+        src, ordinal = src_at[inv, pos], ordinal_at[inv, pos]
+        start = np.empty(g.size, dtype=np.int64)
+        for i in np.unique(src):
+            sel = src == i
+            epoch, k = np.divmod(ordinal[sel], self.windows[i])
+            window = feistel(k, int(self.windows[i]), _key(self._source_keys[i], epoch))
+            start[sel] = window.astype(np.int64) * self.n_ctx
+        return src, start
+
+    def _gather(self, src: np.ndarray, start: np.ndarray) -> np.ndarray:
+        out = np.empty((src.size, self.n_ctx + 1), dtype=np.int64)
+        offsets = np.arange(self.n_ctx + 1)
+        for i in np.unique(src):
+            sel = np.flatnonzero(src == i)
+            out[sel] = self._tokens[i][start[sel, None] + offsets]
+        return out
+
+    def sample(self, g: int) -> tuple[int, np.ndarray]:
+        """(source index, n_ctx+1 tokens) of global sample g."""
+        src, start = self.resolve([g])
+        return int(src[0]), self._gather(src, start)[0]
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """(len(indices), n_ctx+1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
+        import torch
+
+        src, start = self.resolve(indices)
+        return torch.from_numpy(self._gather(src, start))
+
+    def consumed(self, num_samples: int) -> dict[str, dict[str, float]]:
+        """Per source: samples, tokens (targets, n_ctx per sample) and epochs elapsed after the first
+        num_samples global samples -- GPT-3 Table 2.2's last column."""
+        if not 0 <= num_samples < _MAX_SAMPLES:
+            raise ValueError(f"num_samples must be in [0, {_MAX_SAMPLES}), got {num_samples}")
+        full, rest = divmod(int(num_samples), self.block)
+        counts = self._cum(np.array([full]))[0].astype(np.float64)
+        if rest:
+            src, _ = self._layout(np.array([full]))
+            counts += np.bincount(src[0, :rest], minlength=len(self.names))
+        return {
+            name: {
+                "samples": float(counts[i]),
+                "tokens": float(counts[i] * self.n_ctx),
+                "epochs": float(counts[i] / self.windows[i]),
+            }
+            for i, name in enumerate(self.names)
+        }
+
+    # -- validation --
+
+    def _entry(self, source: str) -> dict[str, Any]:
+        if source not in self._entries:
+            raise UserError(f"no source {source!r} in {self.data_dir} (sources: {', '.join(self.names)})")
+        return self._entries[source]
+
+    def val_windows(self, source: str) -> int:
+        """Non-overlapping n_ctx+1 windows in the source's validation split (0: no validation)."""
+        e = self._entry(source)
+        val = e["tokens"] - e["train"]["tokens"]
+        return max(0, (val - 1) // self.n_ctx)
+
+    def val_batches(self, source: str, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
+        """Fixed (B, n_ctx+1) windows spread evenly over the validation split: the same every call, so
+        validation losses are comparable across steps and runs. Empty when the split has no window."""
+        e = self._entry(source)
+        if batch_size < 1 or max_batches < 1:
+            raise ValueError("batch_size and max_batches must be positive")
+        total = self.val_windows(source)
+        m = min(total, batch_size * max_batches)
+        i = self.names.index(source)
+        starts = e["train"]["tokens"] + (np.arange(m, dtype=np.int64) * total // max(m, 1)) * self.n_ctx
+        src = np.full(m, i, dtype=np.int64)
+
+        def batches() -> Iterator[torch.Tensor]:
+            import torch
+
+            for a in range(0, m, batch_size):
+                yield torch.from_numpy(self._gather(src[a : a + batch_size], starts[a : a + batch_size]))
+
+        return batches()
+
+    def val_bytes_per_token(self, source: str) -> float:
+        """UTF-8 bytes per token of the validation split (of the whole source when it has none), to turn
+        a loss in nats per token into bits per byte: bpb = loss / ln 2 / bytes_per_token."""
+        e = self._entry(source)
+        part = e["val"] if e["val"]["tokens"] else {"bytes": e["bytes"], "tokens": e["tokens"]}
+        return part["bytes"] / part["tokens"]
+
+
+def describe(mixture: Mixture, num_samples: int | None = None) -> str:
+    """The mixture as GPT-3 Table 2.2: tokens, weight (as given and normalized) and, for a planned run of
+    num_samples samples, tokens drawn and epochs elapsed per source."""
+    total = sum(mixture.raw_weights.values())
+    head = f"mixture of {len(mixture.names)} sources in {mixture.data_dir}"
+    head += f"; weights sum to {total:.4g}, normalized to 1" if abs(total - 1.0) > 1e-9 else "; weights sum to 1"
+    cols = ["source", "train tokens", "val tokens", "weight", "normalized"]
+    use = mixture.consumed(num_samples) if num_samples is not None else None
+    if use is not None:
+        cols += ["planned tokens", "epochs"]
+    rows = []
+    for i, name in enumerate(mixture.names):
+        e = mixture.manifest["sources"][i]
+        row = [
+            name,
+            f"{e['train']['tokens']:,}",
+            f"{e['val']['tokens']:,}",
+            f"{mixture.raw_weights[name]:g}",
+            f"{100 * mixture.weights[i]:.2f}%",
+        ]
+        if use is not None:
+            row += [f"{int(use[name]['tokens']):,}", f"{use[name]['epochs']:.3g}"]
+        rows.append(row)
+    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
+
+    out = [head, line(cols), *(line(r) for r in rows)]
+    if num_samples is not None:
+        out.append(
+            f"planned run: {num_samples:,} samples x {mixture.n_ctx} tokens = {num_samples * mixture.n_ctx:,} tokens"
+        )
+    return "\n".join(out)
