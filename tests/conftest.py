@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# In-process tests use tiny tensors, where a second intra-op thread only adds spin-waiting (7x slower
+# on a busy 2-core machine). Subprocess tests pick their own thread counts.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -77,7 +77,7 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if m["loss"] is not None}  # step 0: evaluation only
 
 
 def fork_run(src: Path, dst: Path, tag: str) -> Path:

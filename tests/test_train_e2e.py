@@ -26,18 +26,10 @@ def test_two_processes_equal_one(fp32_runs: dict[int, Path]) -> None:
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
     assert one[10] < one[1]
-    records = metrics(fp32_runs[2])
-    assert {
-        "step",
-        "tokens",
-        "loss",
-        "lr",
-        "grad_norm",
-        "tokens_per_sec",
-        "mfu",
-        "world_size",
-        "elapsed_s",
-    } <= set(records[0])
+    baseline, *records = metrics(fp32_runs[2])
+    assert baseline["step"] == 0 and baseline["loss"] is None and baseline["val_loss"] > records[-1]["val_loss"]
+    keys = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "world_size", "elapsed_s"}
+    assert keys <= set(records[0]) and all(r["step"] == i + 1 for i, r in enumerate(records))
     assert records[-1]["world_size"] == 2 and records[-1]["tokens"] == 10 * 16 * 128
     assert "val_loss" in records[4] and "val_bpb" in records[4] and "val_loss/arithmetic" in records[4]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,8 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, Tensor]:
     optim_files = sorted(d.glob("*_optim_states.pt"))
     if not optim_files:  # ZeRO stage 0 in fp32: nothing is partitioned, the module holds the weights
         return _strip_prefixes({k: v.float() for k, v in _load_module_states(model_file).items()})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than let DeepSpeed warn on stderr
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     chatter = io.StringIO()  # it prints progress to stdout, which `scalegpt sample` keeps for the text

@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .config import Config, from_yaml_text, load_config, to_yaml
 from .engine import DistEnv, build_engine, deepspeed_config, global_batch, init_distributed, resolve_device
 from .errors import SharedUserError, UserError
+from .evaluation.report import epochs_elapsed
 from .metrics import MetricsLog, print0, stderr_is_tty
 from .schedule import Schedule
 
@@ -143,6 +144,11 @@ class Trainer:
                 is_main=env.is_main,
             )
         self.metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
+        self.probe = None
+        if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
+            from .evaluation.probe import FewshotProbe
+
+            self.probe = FewshotProbe.for_run(self.run_dir, cfg.model.n_ctx)
         self.flops_per_token = flops_per_token(cfg.model)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_for(name, cfg.train.precision)
@@ -249,6 +255,8 @@ class Trainer:
             mix_loss += float(self.mixture.weights[i]) * loss
             mix_bpb += float(self.mixture.weights[i]) * bpb
         out["val_loss"], out["val_bpb"] = mix_loss, mix_bpb
+        if self.probe is not None:
+            out.update(self.probe(self.engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
         return out
 
     # -- logging --------------------------------------------------------------------------------------
@@ -276,9 +284,23 @@ class Trainer:
                 "elapsed_s": round(elapsed, 3),
             }
             record.update((extra or {}).get(step, {}))
+            record.update(epochs_elapsed(self.mixture, tokens))
             self.metrics.write(record)
         self._last_loss = losses[-1]
         self._pending.clear()
+
+    def _baseline_eval(self) -> None:
+        """Validation before the first step, so every curve starts from the untrained model."""
+        result = self.evaluate()
+        if self.metrics is not None:
+            record = dict.fromkeys(("loss", "lr", "grad_norm", "tokens_per_sec", "mfu"))
+            self.metrics.write(
+                {"step": 0, "tokens": 0, **record, "world_size": self.env.world_size, "elapsed_s": 0.0, **result}
+            )
+        print0(
+            f"step 0/{self.cfg.train.max_steps} | val_loss {result['val_loss']:.4f} val_bpb {result['val_bpb']:.3f}",
+            is_main=self.env.is_main,
+        )
 
     def _signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -324,6 +346,8 @@ class Trainer:
         self._tps: float | None = None
         self._mfu: float | None = None
         self._last_loss = float("nan")
+        if self.state.step == 0 and cfg.eval.every:
+            self._baseline_eval()
         t0 = time.perf_counter()
         window_t, window_tokens = t0, 0
         stopped_by = 0

@@ -1,0 +1,187 @@
+"""`scalegpt eval`: few-shot accuracy on the built-in tasks, validation loss / perplexity / bits per byte,
+and optionally lm-evaluation-harness tasks, for a run, checkpoint or export directory.
+
+The results go to the console as tables, to --json FILE (written atomically) and, with --wandb, to
+wandb tables beside the run's config. The work lives in scalegpt.train.evaluation; this module reads
+the arguments, checks them before any weights are loaded, and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..train.errors import UserError
+from ..train.evaluation.fewshot import FEW, ShotResult, Shots, plan_tasks, run_plans
+from ..train.evaluation.report import (
+    fewshot_table,
+    log_eval_tables,
+    task_descriptions,
+    validation_table,
+    write_json_atomic,
+)
+from ..train.evaluation.tasks import Task, get_tasks
+from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_config, read_tokenizer, resolve
+
+DEFAULT_SHOTS: tuple[Shots, ...] = (0, 1, FEW)
+
+
+def parse_shots(values: list[str] | None) -> list[Shots]:
+    """--shots values: non-negative integers or 'few' (default 0 1 few), duplicates dropped."""
+    if not values:
+        return list(DEFAULT_SHOTS)
+    out: list[Shots] = []
+    for v in values:
+        if v.strip().lower() == FEW:
+            k: Shots = FEW
+        else:
+            try:
+                k = int(v)
+            except ValueError:
+                raise UserError(f"--shots takes non-negative integers or 'few', got {v!r}") from None
+            if k < 0:
+                raise UserError(f"--shots takes non-negative integers or 'few', got {k}")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[Task], list[Shots]]:
+    """Everything that can be checked before loading weights, so a typo costs nothing."""
+    tasks = [] if args.tasks is None and args.lm_eval else get_tasks(args.tasks)
+    shots = parse_shots(args.shots)
+    for flag, value, low in (
+        ("--num-examples", args.num_examples, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--few-max", args.few_max, 0),
+        ("--val-batches", args.val_batches, 0),
+    ):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if args.json_out is not None and Path(args.json_out).is_dir():
+        raise UserError(f"--json {args.json_out} is a directory; give a file name")
+    if args.lm_eval:
+        from ..train.evaluation.harness import HAVE_LM_EVAL
+
+        if not HAVE_LM_EVAL:
+            raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'scalegpt[eval]' (or lm-eval)")
+    pick_device(args.device)
+    return tasks, shots
+
+
+def _checkpoint_meta(resolved: ResolvedPath) -> dict[str, Any]:
+    """Step and tokens of the checkpoint being evaluated, when it records them (scalegpt.json)."""
+    meta: dict[str, Any] = {"kind": resolved.kind, "weights": str(resolved.weights_dir)}
+    f = resolved.weights_dir / "scalegpt.json"
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    meta.update({k: saved[k] for k in ("step", "tokens") if k in saved})
+    meta["run_dir"] = None if resolved.run_dir is None else str(resolved.run_dir)
+    return meta
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Entry point of `scalegpt eval` (parser in launch/cli.py)."""
+    tasks, shots = _check_args(args)
+    resolved = resolve(args.path)
+    meta = _checkpoint_meta(resolved)
+    cfg, tokenizer = read_config(resolved.config_file), read_tokenizer(resolved)
+
+    from ..train.evaluation.validation import open_validation_data, validation_metrics
+
+    mixture, data_note = (None, "validation skipped (--val-batches 0)")
+    if args.val_batches:
+        mixture, data_note = open_validation_data(cfg, tokenizer, args.data_dir)
+    plans = plan_tasks(  # checks every K fits n_ctx before the weights are read
+        tasks,
+        tokenizer,
+        cfg.model.n_ctx,
+        shots=shots,
+        num_examples=args.num_examples,
+        seed=args.seed,
+        few_max=args.few_max,
+    )
+
+    model, tokenizer, cfg = load_for_inference(args.path, device=args.device)
+    device = next(model.parameters()).device
+    params = sum(p.numel() for p in model.parameters())
+    step = f"step {meta['step']}, " if "step" in meta else ""
+    _say(f"evaluating {args.path} ({step}{params:,} parameters, n_ctx {cfg.model.n_ctx}, {device.type})")
+
+    results: list[ShotResult] = []
+    if plans:
+        results = run_plans(model, tokenizer, plans, batch_size=args.batch_size)
+        _say(f"\nfew-shot accuracy (GPT-3 Section 2.4; seed {args.seed})")
+        _say(fewshot_table(results))
+        _say(task_descriptions([t.name for t in tasks]))
+
+    validation: dict[str, dict[str, float]] = {}
+    _say(f"\n{data_note}")
+    if mixture is not None:
+        validation = validation_metrics(model, mixture, batch_size=args.batch_size, max_batches=args.val_batches)
+        if validation:
+            _say(validation_table(validation))
+        else:
+            _say("(no source has a validation split; prepare with data.val_fraction > 0)")
+
+    lm_eval_results: dict[str, dict[str, float]] = {}
+    if args.lm_eval:
+        from ..train.evaluation.harness import ScalegptLM, run_lm_eval
+
+        lm = ScalegptLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
+        lm_eval_results = run_lm_eval(
+            lm, args.lm_eval, include_path=args.lm_eval_include, limit=args.num_examples, seed=args.seed
+        )
+        _say("\nlm-evaluation-harness")
+        for task, metrics in lm_eval_results.items():
+            _say(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+    report = {
+        "model": str(args.path),
+        **meta,
+        "parameters": params,
+        "n_ctx": cfg.model.n_ctx,
+        "seed": args.seed,
+        "num_examples": args.num_examples,
+        "shots": list(shots),
+        "fewshot": [r.row() for r in results],
+        "validation": {"note": data_note, "metrics": validation},
+        "lm_eval": lm_eval_results,
+    }
+    if args.json_out is not None:
+        write_json_atomic(args.json_out, report)
+        _say(f"\nwrote {args.json_out}")
+    if args.wandb:
+        _log_to_wandb(meta, cfg, results, validation)
+    return 0
+
+
+def _log_to_wandb(
+    meta: dict[str, Any], cfg: Any, results: list[ShotResult], validation: dict[str, dict[str, float]]
+) -> None:
+    """A wandb run with the model's config and the eval tables (offline when no API key is set)."""
+    from dataclasses import replace
+
+    from ..train.metrics import MetricsLog
+
+    where = Path(meta["run_dir"] or meta["weights"])
+    had_metrics = (where / "metrics.jsonl").exists()
+    name = f"{cfg.run.name or where.name} eval"
+    log = MetricsLog(where, replace(cfg, log=replace(cfg.log, wandb=True), run=replace(cfg.run, name=name)))
+    try:
+        log_eval_tables(log, results, validation)
+    finally:
+        log.close()
+        stray = where / "metrics.jsonl"
+        if not had_metrics and stray.is_file() and stray.stat().st_size == 0:
+            stray.unlink()  # MetricsLog opens one; an export directory should not gain an empty file
+    print(f"logged the tables to wandb run {name!r} (files under {where / 'wandb'})", file=sys.stderr)

@@ -1,0 +1,218 @@
+"""`scalegpt plot RUN_DIR`: a run's curves as one PNG, read from RUN_DIR/metrics.jsonl.
+
+Panels: training and validation loss, validation bits per byte, learning rate, throughput, gradient
+norm, and epochs elapsed per source (GPT-3 Table 2.2's last column, over time). The epochs come from
+the prepared data's manifest through Mixture.consumed, the same arithmetic the sampler uses; without
+the prepared data that panel says why it is empty. matplotlib's object API with the Agg canvas is
+used, so no display and no global backend state are involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..train.errors import UserError
+
+PANELS = (
+    "loss",
+    "bits per byte (validation)",
+    "learning rate",
+    "throughput (tokens/s)",
+    "gradient norm",
+    "epochs elapsed per source",
+)
+"""Axes titles, in the figure's reading order."""
+
+_MAX_EPOCH_POINTS = 200
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """metrics.jsonl's records, one per step (a resumed run logs some steps twice: the later record,
+    from the run that continued, wins), sorted by step; and how many unreadable lines were skipped
+    (a line being written when the file was read, for one)."""
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory that has trained")
+    by_step: dict[int, dict[str, Any]] = {}
+    bad = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+    if not by_step:
+        raise UserError(f"{path} holds no metrics yet; plot again once the run has logged a step")
+    return [by_step[s] for s in sorted(by_step)], bad
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r["step"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    """Exponential moving average: the trend through a noisy training loss."""
+    alpha, out, avg = 2.0 / (span + 1), [], values[0] if values else 0.0
+    for v in values:
+        avg = alpha * v + (1 - alpha) * avg
+        out.append(avg)
+    return out
+
+
+def _sources(records: list[dict[str, Any]], prefix: str) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        for k in r:
+            if k.startswith(prefix) and k[len(prefix) :] not in names:
+                names.append(k[len(prefix) :])
+    return names
+
+
+def _note(ax: Axes, text: str) -> None:
+    """Say in the panel why it is empty."""
+    ax.text(0.5, 0.5, textwrap.fill(text, 48), ha="center", va="center", fontsize=9, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("")
+
+
+def epochs_by_source(
+    run_dir: Path, records: list[dict[str, Any]], data_dir: str | Path | None = None
+) -> tuple[dict[str, tuple[list[int], list[float]]] | None, str]:
+    """Per source, (steps, epochs elapsed) from the prepared data; or None and why not."""
+    from ..train.data.mixture import Mixture
+    from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
+    from ..train.inference import read_config
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return None, f"no config.yaml in {run_dir}"
+    cfg = read_config(config_file)
+    where = Path(data_dir if data_dir is not None else cfg.data.dir)
+    try:
+        expect = tokenizer_hash(load_tokenizer(run_dir / "tokenizer.json"))
+        mixture = Mixture(where, cfg.model.n_ctx, cfg.run.seed, tokenizer_hash=expect)
+    except UserError as exc:
+        return None, f"epochs need the run's prepared data: {exc}"
+    stride = max(1, len(records) // _MAX_EPOCH_POINTS)
+    picked = records[::stride] if records[-1] in records[::stride] else [*records[::stride], records[-1]]
+    out: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in mixture.names}
+    for r in picked:
+        tokens = r.get("tokens")
+        if not isinstance(tokens, int):
+            continue
+        for name, used in mixture.consumed(tokens // mixture.n_ctx).items():
+            out[name][0].append(int(r["step"]))
+            out[name][1].append(used["epochs"])
+    return out, f"epochs from {where}"
+
+
+def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tuple[Figure, list[str]]:
+    """The figure of a run's curves (axes titled as PANELS) and notes on what could not be drawn."""
+    run = Path(run_dir)
+    records, bad = read_metrics(run)
+    notes = [f"skipped {bad} unreadable line(s) of metrics.jsonl"] if bad else []
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, title in zip(axes, PANELS, strict=True):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step")
+    names = _sources(records, "val_loss/")
+    color = {name: f"C{4 + i}" for i, name in enumerate(names)}  # one colour per source in every panel
+    last = records[-1]
+    fig.suptitle(f"{run.name}: step {last['step']:,}, {last.get('tokens', 0):,} tokens")
+
+    ax = axes[0]
+    steps, loss = _series(records, "loss")
+    if steps:
+        ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8)
+        ax.plot(steps, _ema(loss, max(3, len(loss) // 30)), color="C0", label="train (EMA)")
+    xs, ys = _series(records, "val_loss")
+    if xs:
+        ax.plot(xs, ys, "o-", color="C3", ms=3, label="validation")
+    for name in names:
+        ax.plot(*_series(records, f"val_loss/{name}"), "--", color=color[name], lw=1, label=f"val {name}")
+    ax.set_ylabel("nats per token")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    xs, ys = _series(records, "val_bpb")
+    if xs:
+        ax.plot(xs, ys, "o-", color="C3", ms=3, label="mixture")
+        for name in _sources(records, "val_bpb/"):
+            ax.plot(*_series(records, f"val_bpb/{name}"), "--", color=color.get(name), lw=1, label=name)
+        ax.set_ylabel("bits per byte")
+        ax.legend(fontsize=8)
+    else:
+        _note(ax, "no validation yet (eval.every = 0, or before the first evaluation)")
+
+    for ax, key, label in ((axes[2], "lr", "learning rate"), (axes[3], "tokens_per_sec", "tokens / s")):
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, color="C1")
+        ax.set_ylabel(label)
+    xs, ys = _series(records, "grad_norm")
+    if xs:
+        axes[4].plot(xs, ys, color="C2", lw=0.8)
+        axes[4].set_yscale("log")
+    else:
+        _note(axes[4], "no gradient norms logged")
+
+    epochs, why = epochs_by_source(run, records, data_dir)
+    if epochs is None:
+        _note(axes[5], why)
+        notes.append(f"epochs panel left empty: {why}")
+    else:
+        for name, (xs, ys) in epochs.items():
+            axes[5].plot(xs, ys, color=color.get(name), label=name)
+        axes[5].set_ylabel("epochs")
+        axes[5].legend(fontsize=8)
+    return fig, notes
+
+
+def save_png(fig: Figure, out: Path) -> None:
+    """Write the PNG beside its destination, then rename over it: never a half-written image."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    """Entry point of `scalegpt plot` (parser in launch/cli.py)."""
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else run / "curves.png"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a .png file name")
+    fig, notes = plot_run(run, data_dir=getattr(args, "data_dir", None))
+    for note in notes:
+        print(f"scalegpt: note: {note}", file=sys.stderr)
+    save_png(fig, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,84 @@
+"""Validation loss, perplexity and bits per byte on a run's prepared sources, outside the training loop.
+
+Bits per byte is the loss in bits divided by the bytes each token stands for, so it compares models
+with different tokenizers (GPT-3 reports perplexity per token only, which does not transfer across
+vocabularies). The windows are the ones the trainer's own evaluation reads (Mixture.val_batches), so
+the figures match metrics.jsonl's val_loss and val_bpb for the same weights and batch count.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..config import Config
+from ..data.mixture import Mixture, read_manifest
+from ..data.tokenizer import tokenizer_hash
+from ..errors import UserError
+
+
+def open_validation_data(
+    cfg: Config, tokenizer: Tokenizer, data_dir: str | Path | None = None
+) -> tuple[Mixture | None, str]:
+    """The run's prepared data as a Mixture, or None and why not. The config's data.dir is tried unless
+    `data_dir` is given; a missing or mismatched default is a note, a bad explicit one a UserError."""
+    explicit = data_dir is not None
+    where = Path(data_dir if explicit else cfg.data.dir).expanduser()
+    try:
+        if read_manifest(where) is None:
+            raise UserError(
+                f"no prepared data at {where} (no manifest.json); run `scalegpt prepare CONFIG` or pass --data-dir"
+            )
+        mixture = Mixture(where, cfg.model.n_ctx, cfg.run.seed, tokenizer_hash=tokenizer_hash(tokenizer))
+    except UserError as exc:
+        if explicit:
+            raise
+        return None, f"validation skipped: {exc}"
+    return mixture, f"validation on {where}"
+
+
+@torch.inference_mode()
+def validation_metrics(
+    model: nn.Module, mixture: Mixture, *, batch_size: int = 16, max_batches: int = 50
+) -> dict[str, dict[str, float]]:
+    """Per source, and for the mixture weighted as in training: loss (nats per token), perplexity,
+    bits per byte and the number of tokens scored. Sources without a validation split are left out."""
+    if batch_size < 1 or max_batches < 1:
+        raise UserError(f"batch size and batches must be positive, got {batch_size} and {max_batches}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[str, dict[str, float]] = {}
+    mix = {"loss": 0.0, "bpb": 0.0, "tokens": 0.0}
+    try:
+        for i, name in enumerate(mixture.names):
+            total, count = 0.0, 0
+            for batch in mixture.val_batches(name, batch_size, max_batches):
+                batch = batch.to(device)
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+                n = batch[:, 1:].numel()
+                total += float(loss) * n
+                count += n
+            if count == 0:
+                continue
+            loss = total / count
+            bpb = loss / math.log(2) / mixture.val_bytes_per_token(name)
+            out[name] = {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": float(count)}
+            w = float(mixture.weights[i])
+            mix["loss"] += w * loss
+            mix["bpb"] += w * bpb
+            mix["tokens"] += count
+    finally:
+        model.train(was_training)
+    if out:
+        out["mixture"] = {
+            "loss": mix["loss"],
+            "perplexity": math.exp(mix["loss"]),
+            "bpb": mix["bpb"],
+            "tokens": mix["tokens"],
+        }
+    return out
