@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TEN_STEPS
-from e2e import SMOKE, free_port, losses, metrics, scalegpt, train
+from e2e import SMALL_DATA, SMOKE, free_port, losses, metrics, scalegpt, train
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +111,32 @@ def test_smoke_run_learns(smoke_run: Path) -> None:
     assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]  # far below the first evaluation
     assert evals[-1]["val_loss"] < 0.5 * __import__("math").log(512)  # and far below uniform guessing
     assert (smoke_run / "checkpoints" / "latest").read_text() == "step_000200"
+
+
+def test_wandb_without_a_key_runs_offline_and_never_prompts(prepared: Path, tmp_path: Path) -> None:
+    env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scalegpt",
+            "train",
+            SMOKE,
+            f"run.dir={tmp_path}",
+            f"data.dir={prepared}",
+            *SMALL_DATA,
+            "train.max_steps=2",
+            "eval.every=0",
+            "log.wandb=true",
+        ],
+        cwd=ROOT,
+        env={**env_free, "HOME": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].iterdir())
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
