@@ -245,11 +245,13 @@ class Trainer:
                 data = data.to(self.env.device)
                 _, loss = self.engine.module(data[:, :-1], data[:, 1:])
                 n = data[:, 1:].numel()
-                sums += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=self.env.device)
+                sums[0] += loss.detach().double() * n  # stays on the device: one sync per source, below
+                sums[1] += n
             dist.all_reduce(sums)
-            if sums[1] == 0:
+            total, count = sums.tolist()
+            if count == 0:
                 continue
-            loss = (sums[0] / sums[1]).item()
+            loss = total / count
             bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
             out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
             mix_loss += float(self.mixture.weights[i]) * loss
