@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -29,8 +30,7 @@ from typing import Literal
 
 import psutil
 
-from ..train.config import Config, from_yaml_text, load_config
-from ..train.engine import global_batch
+from ..train.config import Config, from_yaml_text, global_batch, load_config
 from ..train.errors import UserError
 
 Mode = Literal["procs", "gpus", "hostfile", "slurm"]
@@ -129,7 +129,7 @@ def _check_args(args: argparse.Namespace, mode: Mode, cfg: Config) -> None:
     _at_least_one(f"--{mode}", args.procs if mode == "procs" else args.gpus if mode == "gpus" else None)
     _at_least_one("--nodes", args.nodes)
     _at_least_one("--gpus-per-node", args.gpus_per_node)
-    if not 1 <= args.master_port <= 65535:
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
         raise UserError(f"--master-port must be a TCP port (1-65535), got {args.master_port}")
     if mode in ("procs", "gpus") and (args.nodes is not None or args.gpus_per_node is not None):
         raise UserError("--nodes and --gpus-per-node apply to --hostfile and --slurm, not to one machine")
@@ -152,6 +152,17 @@ def _check_args(args: argparse.Namespace, mode: Mode, cfg: Config) -> None:
         )
 
 
+MULTI_NODE_PORT = 29500
+"""The rendezvous port on the rank-0 node when --master-port is not given and the job spans nodes."""
+
+
+def _free_port() -> int:
+    """A port no one listens on now: on one machine, two jobs started without --master-port never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cpu_env() -> dict[str, str]:
     """DeepSpeed picks its accelerator at import: name the CPU one, and hide GPUs from CPU ranks."""
     return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
@@ -161,7 +172,7 @@ def _cpu_env() -> dict[str, str]:
 def _one_node(args: argparse.Namespace, mode: Mode, overrides: list[str]) -> Launch:
     n = args.procs if mode == "procs" else args.gpus
     env = _cpu_env() if mode == "procs" else {}
-    port = str(args.master_port)
+    port = str(args.master_port or _free_port())
     if args.launcher == "torchrun":
         argv = [
             _executable("torchrun"),
@@ -197,7 +208,7 @@ def _hostfile(args: argparse.Namespace, cfg: Config, overrides: list[str]) -> La
         raise UserError(f"--nodes {nodes} but hostfile {args.hostfile} lists only {len(hosts)} node(s)")
     chosen = list(hosts.items())[:nodes]  # DeepSpeed's --num_nodes takes the first N hosts
     world = sum(min(slots, args.gpus_per_node or slots) for _, slots in chosen)
-    addr, port = args.master_addr or chosen[0][0], str(args.master_port)
+    addr, port = args.master_addr or chosen[0][0], str(args.master_port or MULTI_NODE_PORT)
     argv = [
         _executable("deepspeed"),
         "--hostfile",
@@ -273,7 +284,7 @@ def _slurm(args: argparse.Namespace, cfg: Config, overrides: list[str]) -> Launc
         "optional_directives": "\n".join(optional),
         "workdir": shlex.quote(str(Path.cwd())),
         "exports": "".join(f"export {k}={shlex.quote(v)}  # CPU ranks\n" for k, v in _cpu_env().items()) if cpu else "",
-        "master_port": str(args.master_port),
+        "master_port": str(args.master_port or MULTI_NODE_PORT),
         "run_dir": shlex.quote(str(run_dir)),
         "launcher_command": " \\\n    ".join(" ".join(_script_word(a) for a in line) for line in lines),
     }
@@ -284,7 +295,14 @@ def _slurm(args: argparse.Namespace, cfg: Config, overrides: list[str]) -> Launc
 def _rendering_command(args: argparse.Namespace, nodes: int, per_node: int, overrides: list[str]) -> str:
     """The `scalegpt launch` line that made a script, for its header: a user can see how to remake it."""
     words = ["scalegpt", "launch", args.config, "--slurm", "--nodes", str(nodes), "--gpus-per-node", str(per_node)]
-    words += ["--launcher", args.launcher, "--time", args.time, "--master-port", str(args.master_port)]
+    words += [
+        "--launcher",
+        args.launcher,
+        "--time",
+        args.time,
+        "--master-port",
+        str(args.master_port or MULTI_NODE_PORT),
+    ]
     for flag, value in (("--partition", args.partition), ("--account", args.account)):
         if value:
             words += [flag, value]

@@ -84,6 +84,27 @@ def test_procs_dry_run_is_a_deepspeed_command_on_cpu(capsys: pytest.CaptureFixtu
     assert rank_command(argv, "--module") == ["scalegpt", "train", SMOKE, "run.dir=runs/x", "model.n_layer=1"]
 
 
+def test_one_machine_picks_a_free_port_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two jobs launched on one machine without --master-port must not both try 29500."""
+    import socket
+
+    ports = []
+    for launcher, flag in (("deepspeed", "--master_port"), ("torchrun", "--master-port")):
+        _, argv = dry_run_argv(capsys, "--procs", "2", "--launcher", launcher)
+        ports.append(int(option(argv, flag)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", ports[-1]))  # free now: nothing listens there
+    assert all(1024 <= p <= 65535 for p in ports)
+
+
+def test_the_launcher_imports_neither_torch_nor_deepspeed() -> None:
+    """`scalegpt launch` only reads the config and starts DeepSpeed's launcher: importing torch (3-4 s here)
+    would only delay every job, and every rank pays for its own import anyway."""
+    code = "import sys; from scalegpt.launch import launcher; print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_gpus_dry_run(capsys: pytest.CaptureFixture[str], launcher: str) -> None:
     env, argv = dry_run_argv(

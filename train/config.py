@@ -366,3 +366,16 @@ def from_yaml_text(text: str) -> Config:
     """Inverse of to_yaml: a resolved config read back from a run directory or checkpoint."""
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Sequences per optimizer step; a clear error when it does not split into whole micro batches."""
+    micro = cfg.train.micro_batch
+    batch = cfg.train.global_batch or micro * world_size
+    if batch % (micro * world_size):
+        raise UserError(
+            f"train.global_batch={batch} is not divisible by train.micro_batch={micro} x world size {world_size}; "
+            f"choose a global batch that is a multiple of {micro * world_size}, or change the micro batch or "
+            "the number of processes"
+        )
+    return batch

@@ -17,7 +17,7 @@ import torch
 
 from ..model import GPT
 from ..model.flops import count_params
-from .config import Config
+from .config import Config, global_batch
 from .errors import UserError
 
 
@@ -100,19 +100,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def global_batch(cfg: Config, world_size: int) -> int:
-    """Sequences per optimizer step; a clear error when it does not split into whole micro batches."""
-    micro = cfg.train.micro_batch
-    batch = cfg.train.global_batch or micro * world_size
-    if batch % (micro * world_size):
-        raise UserError(
-            f"train.global_batch={batch} is not divisible by train.micro_batch={micro} x world size {world_size}; "
-            f"choose a global batch that is a multiple of {micro * world_size}, or change the micro batch or "
-            "the number of processes"
-        )
-    return batch
 
 
 def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation: int | None = None) -> dict[str, Any]:
