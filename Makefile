@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 SMOKE  ?= configs/smoke.yaml
+# pytest-xdist workers for `make test`; each test file runs on one worker, and runs that several files share
+# are trained once (tests/conftest.py: once_per_session)
+WORKERS ?= 2
 
 .PHONY: setup install smoke test lint bench clean
 
@@ -31,7 +34,7 @@ smoke: $(STAMP)
 	$(BIN)/scalegpt sample runs/smoke --prompt "Q: What is 12 plus 7? A:" --max-new-tokens 40 --num-samples 2 --temperature 0.7
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,24 @@ CONFIGS = ROOT / "configs"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """Build the folder `name` once per test session, even when pytest-xdist runs the session on several
+    workers (`make test`): the first worker to ask builds it under an exclusive lock, the others wait for it
+    and reuse it. Without a lock each worker would train its own copy of every shared run."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above the workers' own
+    path = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".complete").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            (path / ".complete").touch()
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -28,9 +50,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke config's built-in corpus (smaller), prepared once per test session."""
     from e2e import SMALL_DATA, SMOKE, scalegpt
 
-    data = tmp_path_factory.mktemp("prepared")
-    scalegpt("prepare", SMOKE, f"data.dir={data}", *SMALL_DATA)
-    return data
+    return once_per_session(
+        tmp_path_factory, "prepared", lambda data: scalegpt("prepare", SMOKE, f"data.dir={data}", *SMALL_DATA)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -38,21 +60,15 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real smoke job, as `make setup` runs it: the full built-in corpus, 2 ZeRO-2 processes."""
     from e2e import SMOKE, free_port, scalegpt
 
-    root = tmp_path_factory.mktemp("smoke")
-    data, run = root / "prepared", root / "run"
-    scalegpt("prepare", SMOKE, f"data.dir={data}")
-    scalegpt(
-        "launch",
-        SMOKE,
-        "--procs",
-        "2",
-        "--master-port",
-        str(free_port()),
-        f"data.dir={data}",
-        f"run.dir={run}",
-        timeout=600,
-    )
-    return run
+    def build(root: Path) -> None:
+        data, run = root / "prepared", root / "run"
+        scalegpt("prepare", SMOKE, f"data.dir={data}")
+        port = str(free_port())
+        scalegpt(
+            "launch", SMOKE, "--procs", "2", "--master-port", port, f"data.dir={data}", f"run.dir={run}", timeout=600
+        )
+
+    return once_per_session(tmp_path_factory, "smoke", build) / "run"
 
 
 TEN_STEPS = ["train.max_steps=10", "checkpoint.every=5", "checkpoint.keep=3", "eval.every=5", "log.every=1"]
@@ -63,13 +79,10 @@ def reference_runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory):  #
     """reference_runs(procs, precision): a 10-step run (checkpoints at 5 and 10), made once per session."""
     from e2e import train
 
-    made: dict[tuple[int, str], Path] = {}
-
     def get(procs: int, precision: str = "fp32") -> Path:
-        if (procs, precision) not in made:
-            run = tmp_path_factory.mktemp(f"{precision}_{procs}p")
+        def build(run: Path) -> None:
             train(run, prepared, *TEN_STEPS, f"train.precision={precision}", procs=procs)
-            made[procs, precision] = run
-        return made[procs, precision]
+
+        return once_per_session(tmp_path_factory, f"{precision}_{procs}p", build)
 
     return get

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,15 @@ def test_smoke_run_learns(smoke_run: Path) -> None:
     assert (smoke_run / "checkpoints" / "latest").read_text() == "step_000200"
 
 
+def torch_extensions_dir() -> str:
+    """Where torch keeps JIT-built extensions now, named explicitly (torch would derive it from HOME)."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return str(Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
+
+
 def test_wandb_without_a_key_runs_offline_and_never_prompts(prepared: Path, tmp_path: Path) -> None:
     env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB")}
     proc = subprocess.run(
@@ -130,7 +140,9 @@ def test_wandb_without_a_key_runs_offline_and_never_prompts(prepared: Path, tmp_
             "log.wandb=true",
         ],
         cwd=ROOT,
-        env={**env_free, "HOME": str(tmp_path)},
+        # a bare HOME (no wandb key or settings); DeepSpeed's compiled ops stay where they are cached,
+        # or the run would spend a minute rebuilding them under the new HOME
+        env={**env_free, "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": torch_extensions_dir()},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
