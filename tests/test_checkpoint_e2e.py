@@ -19,7 +19,8 @@ from e2e import SMALL_DATA, SMOKE, fork_run, losses, metrics, train
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("procs", "precision"), [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+# One process in bf16 is left out to save CI time: it is the 2-process bf16 path with one partition.
+@pytest.mark.parametrize(("procs", "precision"), [(1, "fp32"), (2, "fp32"), (2, "bf16")])
 def test_resume_is_bitwise_exact(reference_runs, prepared: Path, tmp_path: Path, procs: int, precision: str) -> None:  # noqa: ANN001
     """10 steps in one go == 5 steps, a resume, then 5 more: the same losses, bit for bit."""
     ref = reference_runs(procs, precision)
@@ -90,11 +91,11 @@ def _steps_logged(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_and_exits_0(prepared: Path, tmp_path: Path, signum: int) -> None:
+def test_sigterm_saves_and_exits_0(prepared: Path, tmp_path: Path) -> None:
+    """SIGUSR1 (SLURM's warning before the time limit) is tested through the launcher, below."""
     proc = _start(tmp_path, prepared)
     _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "received a stop signal" in out
@@ -125,9 +126,10 @@ def test_signal_through_the_launcher_reaches_both_ranks(prepared: Path, tmp_path
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
+    assert "received a stop signal" in out
     tag = (tmp_path / "checkpoints" / "latest").read_text()
     assert all(
         (tmp_path / "checkpoints" / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in (0, 1)

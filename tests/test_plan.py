@@ -308,7 +308,10 @@ def test_one_process_partitions_match_prediction(measured: dict[str, list[dict]]
 
 @pytest.mark.slow
 def test_two_processes_each_hold_half(measured: dict[str, list[dict]]) -> None:
+    """ZeRO-2 really partitions: each of 2 ranks holds half the fp32 Adam state of one process, which holds
+    what stage 0 would hold on every rank (exp_avg and exp_avg_sq for every parameter: 2Ψ elements)."""
     one = measured["1-fp32"][0]
+    assert _close(one["moments"], 2 * 4 * one["n_params"], 0.01)  # fp32 elements x 4 bytes, up to padding
     plan = _predicted("fp32", 2)
     psi = plan.params
     for m in measured["2-fp32"]:
