@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 TORCH_INDEX ?=
 SMOKE  ?= configs/smoke.yaml
 # pytest-xdist workers for `make test`; each test file runs on one worker, and runs that several files share
-# are trained once (tests/conftest.py: once_per_session)
+# are trained once (tests/conftest.py: once_per_session); files start in name order, so the longest single
+# run (tests/test_arithmetic_e2e.py) starts first instead of last
 WORKERS ?= 2
 
 .PHONY: setup install smoke test lint bench clean
@@ -34,7 +35,7 @@ smoke: $(STAMP)
 	$(BIN)/scalegpt sample runs/smoke --prompt "Q: What is 12 plus 7? A:" --max-new-tokens 40 --num-samples 2 --temperature 0.7
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -34,13 +34,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the whole process
 
 
-def plain_loop(cfg: Config, device: torch.device) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def plain_loop(cfg: Config, device: torch.device, plain_fused: bool) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """The baseline: what a user would write without DeepSpeed (autocast for bf16, fp32 master weights)."""
     model = build_model(cfg.model, device=device, seed=cfg.run.seed)
     if cfg.train.compile:
         model = torch.compile(model)
     o = cfg.optim
-    fused = device.type == "cuda"
+    # What a user writes: torch's default AdamW, which is fused only on CUDA; --plain-fused takes the fused
+    # kernel on CPU too, as scalegpt does, to isolate what DeepSpeed itself costs.
+    fused = device.type == "cuda" or plain_fused
     opt = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
     )
@@ -72,6 +74,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     p.add_argument("--baseline", action="store_true", help="also run the plain PyTorch loop and print the ratio")
+    p.add_argument("--plain-fused", action="store_true", help="the plain loop uses torch's fused AdamW on CPU too")
     args = p.parse_args()
     cfg = load_config(args.config, ["train.global_batch=0", *args.overrides])
     env = init_distributed(cfg)
@@ -82,7 +85,7 @@ def main() -> None:
         "scalegpt (DeepSpeed)": lambda data, lr: engine_step(engine, data, cfg.train.micro_batch, lr)
     }
     if args.baseline:
-        contenders["plain PyTorch"] = plain_loop(cfg, device)
+        contenders["plain PyTorch"] = plain_loop(cfg, device, args.plain_fused)
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch, cfg.model.n_ctx + 1)
     batches = [torch.randint(0, cfg.model.vocab_size, shape, generator=gen) for _ in range(args.warmup + args.steps)]
@@ -100,11 +103,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     tokens = cfg.train.micro_batch * cfg.model.n_ctx
     peak = peak_flops_for(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cfg.train.precision)
+    plain_fused = args.plain_fused or device.type == "cuda"
     print(f"# {args.config} {' '.join(args.overrides)}")
     print(
         f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
         f"{torch.__version__}, device {device}, {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}, "
-        f"compile={cfg.train.compile}, micro batch {cfg.train.micro_batch} x {cfg.model.n_ctx} tokens, "
+        f"compile={cfg.train.compile}, plain AdamW fused={plain_fused}, "
+        f"micro batch {cfg.train.micro_batch} x {cfg.model.n_ctx} tokens, "
         f"{args.steps} timed steps after {args.warmup}"
     )
     print(f"{'contender':<22} {'step ms':>9} {'tokens/s':>11} {'MFU':>7} {'last loss':>10}")

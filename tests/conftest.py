@@ -56,19 +56,33 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke config's full built-in corpus, as `make setup` prepares it."""
+    from e2e import SMOKE, scalegpt
+
+    return once_per_session(tmp_path_factory, "smoke-data", lambda data: scalegpt("prepare", SMOKE, f"data.dir={data}"))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real smoke job, as `make setup` runs it: the full built-in corpus, 2 ZeRO-2 processes."""
     from e2e import SMOKE, free_port, scalegpt
 
-    def build(root: Path) -> None:
-        data, run = root / "prepared", root / "run"
-        scalegpt("prepare", SMOKE, f"data.dir={data}")
+    def build(run: Path) -> None:
         port = str(free_port())
         scalegpt(
-            "launch", SMOKE, "--procs", "2", "--master-port", port, f"data.dir={data}", f"run.dir={run}", timeout=600
+            "launch",
+            SMOKE,
+            "--procs",
+            "2",
+            "--master-port",
+            port,
+            f"data.dir={smoke_data}",
+            f"run.dir={run}",
+            timeout=600,
         )
 
-    return once_per_session(tmp_path_factory, "smoke", build) / "run"
+    return once_per_session(tmp_path_factory, "smoke-run", build)
 
 
 TEN_STEPS = ["train.max_steps=10", "checkpoint.every=5", "checkpoint.keep=3", "eval.every=5", "log.every=1"]
