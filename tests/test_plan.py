@@ -220,6 +220,7 @@ PROBE = textwrap.dedent(
         n_params=sum(p.numel() for p in engine.module.parameters()),
         largest_param=max(p.numel() for p in engine.module.parameters()),
         groups=len(zo.bit16_groups_flat),
+        fused_adamw=bool(zo.optimizer.defaults.get("fused")),
         params=storage_bytes(zo.bit16_groups_flat),
         master=storage_bytes(zo.single_partition_of_fp32_groups),
         moments=storage_bytes(moments),
@@ -288,6 +289,7 @@ def _close(measured: float, predicted: float, tolerance: float) -> bool:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_one_process_partitions_match_prediction(measured: dict[str, list[dict]], precision: str) -> None:
     (m,) = measured[f"1-{precision}"]
+    assert m["fused_adamw"]  # the "fused" flag train/engine.py generates reaches torch's AdamW on CPU
     plan = _predicted(precision, 1)
     psi = m["n_params"]
     assert psi == plan.params

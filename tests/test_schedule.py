@@ -62,6 +62,7 @@ def test_deepspeed_json_comes_from_config() -> None:
     assert ds["optimizer"]["params"] == {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     cpu = deepspeed_config(cfg, world_size=1, device="cpu")
     assert cpu["optimizer"]["params"]["torch_adam"] and cpu["gradient_accumulation_steps"] == 32
+    assert cpu["optimizer"]["params"]["fused"]  # torch's fused CPU AdamW kernel
 
 
 def test_passthrough_adds_but_never_contradicts() -> None:
