@@ -7,10 +7,12 @@ clipping are all DeepSpeed's; we hand-write none of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +70,22 @@ def adopt_launcher_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for `rank` (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it, so every job on
+    a new port leaves them behind until memory runs out (270 of them, 18 GB, took down this machine). Once
+    every rank has mapped every file, which init_distributed has done on all ranks by the barrier, the
+    names can go: the mappings stay valid until the processes exit, and nothing outlives them."""
+    torch.distributed.barrier()
+    with contextlib.suppress(FileNotFoundError):  # a multi-node run, which does not use the shm path
+        shm_buffer_path(rank).unlink()
+
+
 def init_distributed(cfg: Config) -> DistEnv:
     """Join (or create) the process group: gloo on CPU, nccl on GPU."""
     device = resolve_device(cfg)
@@ -87,6 +105,8 @@ def init_distributed(cfg: Config) -> DistEnv:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
+    if device == "cpu":
+        release_shm_buffer(rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
 
