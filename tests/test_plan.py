@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ from scalegpt.launch.plan import Plan, make_plan, peak_memory
 from scalegpt.model.flops import GiB, count_params, flops_per_token
 from scalegpt.train.config import load_config
 from scalegpt.train.errors import UserError
+
+from e2e import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "gpt3-small.yaml"
@@ -232,12 +233,6 @@ PROBE = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
@@ -265,13 +260,13 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     runs = {}
     for precision in ("fp32", "bf16"):
         env = _env()
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         out = tmp / f"one-{precision}"
         cmd = [sys.executable, str(probe), str(out), "steps", str(SMOKE), f"train.precision={precision}", *ONE_PROCESS]
         runs[f"1-{precision}"] = (_start(cmd, tmp / f"one-{precision}.log", env), tmp / f"one-{precision}.log", out, 1)
     deepspeed_cli = str(Path(sys.executable).parent / "deepspeed")
     out = tmp / "two-fp32"
-    cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(_free_port()), str(probe), str(out), "steps"]
+    cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(free_port()), str(probe), str(out), "steps"]
     runs["2-fp32"] = (_start([*cmd, str(SMOKE), SMALL_BUCKETS], tmp / "two.log", _env()), tmp / "two.log", out, 2)
     return {name: _results(*run) for name, run in runs.items()}
 
@@ -347,7 +342,7 @@ def test_real_smoke_run_peak_memory(request: pytest.FixtureRequest, tmp_path: Pa
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     deepspeed_cli = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(_free_port()), str(probe), str(tmp_path / "out")]
+    cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(free_port()), str(probe), str(tmp_path / "out")]
     log = tmp_path / "train.log"
     results = _results(_start([*cmd, "train", str(SMOKE), *overrides], log, env), log, tmp_path / "out", 2)
     plan = make_plan(load_config(SMOKE, overrides), 2, 80, 400)
