@@ -45,7 +45,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def plain_loop(
-    cfg: Config, device: torch.device, plain_fused: bool, world_size: int
+    cfg: Config, device: torch.device, fused: bool, world_size: int
 ) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """The baseline: what a user would write without DeepSpeed (autocast for bf16, fp32 master weights;
     DDP, synchronising only the last micro batch of a step, when there are several processes)."""
@@ -57,9 +57,6 @@ def plain_loop(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     o = cfg.optim
-    # What a user writes: torch's default AdamW, which is fused only on CUDA; --plain-fused takes the fused
-    # kernel on CPU too, as scalegpt does, to isolate what DeepSpeed itself costs.
-    fused = device.type == "cuda" or plain_fused
     opt = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused
     )
@@ -104,8 +101,11 @@ def main() -> None:
     contenders: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
         "scalegpt (DeepSpeed)": lambda data, lr: engine_step(engine, data, cfg.train.micro_batch, lr)
     }
+    # What a user writes: torch's default AdamW, which is fused only on CUDA; --plain-fused takes the fused
+    # kernel on CPU too, as scalegpt does, to isolate what DeepSpeed itself costs.
+    plain_fused = args.plain_fused or device.type == "cuda"
     if args.baseline:
-        contenders["plain PyTorch"] = plain_loop(cfg, device, args.plain_fused, env.world_size)
+        contenders["plain PyTorch"] = plain_loop(cfg, device, plain_fused, env.world_size)
     gen = torch.Generator().manual_seed(env.rank)  # each rank its own rows of the global batch
     rows = global_batch(cfg, env.world_size)
     shape = (rows // env.world_size, cfg.model.n_ctx + 1)
@@ -128,7 +128,6 @@ def main() -> None:
         return
     tokens = rows * cfg.model.n_ctx  # all ranks
     peak = peak_flops_for(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cfg.train.precision)
-    plain_fused = args.plain_fused or device.type == "cuda"
     print(f"# {args.config} {' '.join(args.overrides)}")
     print(
         f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "

@@ -66,21 +66,10 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real smoke job, as `make setup` runs it: the full built-in corpus, 2 ZeRO-2 processes."""
-    from e2e import SMOKE, free_port, scalegpt
+    from e2e import SMOKE, scalegpt
 
-    def build(run: Path) -> None:
-        port = str(free_port())
-        scalegpt(
-            "launch",
-            SMOKE,
-            "--procs",
-            "2",
-            "--master-port",
-            port,
-            f"data.dir={smoke_data}",
-            f"run.dir={run}",
-            timeout=600,
-        )
+    def build(run: Path) -> None:  # the launcher picks a free port itself
+        scalegpt("launch", SMOKE, "--procs", "2", f"data.dir={smoke_data}", f"run.dir={run}", timeout=600)
 
     return once_per_session(tmp_path_factory, "smoke-run", build)
 
