@@ -21,10 +21,10 @@ from ..train.evaluation.report import (
     log_eval_tables,
     task_descriptions,
     validation_table,
-    write_json_atomic,
 )
 from ..train.evaluation.tasks import Task, get_tasks
 from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_config, read_tokenizer, resolve
+from ..train.osutil import write_json_atomic
 
 DEFAULT_SHOTS: tuple[Shots, ...] = (0, 1, FEW)
 

@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import psutil
 
 from ..train.config import Config, from_yaml_text, global_batch, load_config
 from ..train.errors import UserError
+from ..train.osutil import atomic_write, free_port
 
 Mode = Literal["procs", "gpus", "hostfile", "slurm"]
 TEMPLATES = Path(__file__).with_name("templates")
@@ -156,13 +156,6 @@ MULTI_NODE_PORT = 29500
 """The rendezvous port on the rank-0 node when --master-port is not given and the job spans nodes."""
 
 
-def _free_port() -> int:
-    """A port no one listens on now: on one machine, two jobs started without --master-port never collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_env() -> dict[str, str]:
     """DeepSpeed picks its accelerator at import: name the CPU one, and hide GPUs from CPU ranks."""
     return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
@@ -172,7 +165,7 @@ def _cpu_env() -> dict[str, str]:
 def _one_node(args: argparse.Namespace, mode: Mode, overrides: list[str]) -> Launch:
     n = args.procs if mode == "procs" else args.gpus
     env = _cpu_env() if mode == "procs" else {}
-    port = str(args.master_port or _free_port())
+    port = str(args.master_port or free_port())
     if args.launcher == "torchrun":
         argv = [
             _executable("torchrun"),
@@ -341,12 +334,11 @@ def _check_run_dir(cfg: Config) -> None:
 def submit(script: str, cfg: Config) -> int:
     """Write the script into the run directory (atomically, so a rerun never leaves half a script) and
     hand it to sbatch; print the job id."""
-    from ..train.checkpoint import atomic_write_text
 
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "sbatch.sh"
-    atomic_write_text(path, script)
+    atomic_write(path, script)
     path.chmod(0o755)
     sbatch = shutil.which("sbatch")
     if sbatch is None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..train.errors import UserError
+from ..train.osutil import atomic_path
 
 PANELS = (
     "loss",
@@ -193,15 +192,8 @@ def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tupl
 
 def save_png(fig: Figure, out: Path) -> None:
     """Write the PNG beside its destination, then rename over it: never a half-written image."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_command(args: argparse.Namespace) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from scalegpt.train.osutil import free_port  # noqa: F401  (tests import it from here)
 
 from conftest import ROOT
 
@@ -20,12 +21,6 @@ SMALL_DATA = [
     "data.sources.1.builtin_mb=0.3",
     "data.sources.2.builtin_mb=0.4",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scalegpt(

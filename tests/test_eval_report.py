@@ -19,8 +19,8 @@ from scalegpt.train.evaluation.report import (
     fewshot_table,
     log_eval_tables,
     validation_table,
-    write_json_atomic,
 )
+from scalegpt.train.osutil import write_json_atomic
 
 from eval_helpers import TinyWorld, tiny_world
 

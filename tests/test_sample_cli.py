@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from scalegpt.model.hf import to_hf_state_dict
 from scalegpt.train.config import Config, to_yaml
 from scalegpt.train.errors import UserError
 from scalegpt.train.inference import consolidated_state_dict, load_for_inference, resolve
+from scalegpt.train.osutil import free_port
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog, and the dog sleeps on.",
@@ -112,9 +112,7 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -> Path:
     """A run directory holding a real DeepSpeed ZeRO-2 checkpoint, laid out as the trainer writes it."""
     run = tmp_path_factory.mktemp("run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     done = subprocess.run(

@@ -16,7 +16,6 @@ state), so DeepSpeed loads them with weights_only=False; our own files are JSON,
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -32,6 +31,7 @@ import torch.distributed as dist
 
 from .config import Config, from_yaml_text
 from .errors import UserError
+from .osutil import atomic_write
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
 META = "scalegpt.json"
@@ -72,12 +72,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (path / META).is_file():
         raise UserError(f"{latest} names {tag}, which is not a complete checkpoint; pass checkpoint.resume=PATH")
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -131,8 +125,8 @@ def save(
         tok = run_dir / "tokenizer.json"
         if tok.is_file():
             shutil.copyfile(tok, path / "tokenizer.json")
-        atomic_write_text(path / META, json.dumps({**asdict(state), "world_size": world_size, **meta}, indent=1))
-        atomic_write_text(root / "latest", tag)
+        atomic_write(path / META, json.dumps({**asdict(state), "world_size": world_size, **meta}, indent=1))
+        atomic_write(root / "latest", tag)
         _prune(run_dir, cfg.checkpoint.keep)
     dist.barrier()
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..model import GPT
 from ..model.flops import count_params
 from .config import Config, global_batch
 from .errors import UserError
+from .osutil import free_port
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,6 @@ def resolve_device(cfg: Config) -> str:
     return cfg.train.device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def adopt_launcher_env() -> None:
     """Fill RANK/LOCAL_RANK/WORLD_SIZE from Open MPI's variables under mpirun or SLURM's under srun, or make
     a one-process group when no launcher set anything, so `scalegpt train` runs alone as well as one rank of many."""
@@ -64,7 +58,7 @@ def adopt_launcher_env() -> None:
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")

@@ -23,6 +23,7 @@ from .engine import DistEnv, build_engine, deepspeed_config, global_batch, init_
 from .errors import SharedUserError, UserError
 from .evaluation.report import epochs_elapsed
 from .metrics import MetricsLog, print0, stderr_is_tty
+from .osutil import atomic_write
 from .schedule import Schedule
 
 # Keys that may change between a run directory's first start and a resume; anything else differing
@@ -187,7 +188,7 @@ class Trainer:
                     f"run.dir {self.run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
                     "use a new run.dir, or remove the old one"
                 )
-        ckpt.atomic_write_text(existing, self.config_yaml)
+        atomic_write(existing, self.config_yaml)
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
 
     # -- the step -----------------------------------------------------------------------------

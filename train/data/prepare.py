@@ -20,7 +20,6 @@ import argparse
 import fcntl
 import hashlib
 import itertools
-import json
 import math
 import os
 import shutil
@@ -37,6 +36,7 @@ from tokenizers import Tokenizer
 
 from ..config import Config, load_config
 from ..errors import UserError
+from ..osutil import write_json_atomic
 from . import sources as src_mod
 from .mixture import FORMAT, MANIFEST, Mixture, check_tokenizer_file, describe, read_manifest
 from .tokenizer import (
@@ -90,12 +90,6 @@ def _file_name(name: str) -> str:
     if safe != name:
         safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{safe}.bin"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _settings(cfg: Config, source: src_mod.Source, chunked: bool) -> dict[str, Any]:
@@ -542,7 +536,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
         assert tok is not None and old is not None
         manifest = plan.manifest({e["name"]: e for e in old["sources"]}, tok, save_tokenizer(tok.tok, stored))
         if manifest != old:
-            _write_json(data_dir / MANIFEST, manifest)
+            write_json_atomic(data_dir / MANIFEST, manifest, indent=1)
         plan.drop_removed(echo)
         echo(f"nothing to do: all {len(sources)} sources in {data_dir} are up to date (tokenizer {tok.hash[:12]})")
     mix = Mixture(data_dir, cfg.model.n_ctx, cfg.run.seed, {s.name: s.cfg.weight for s in sources})
@@ -596,12 +590,12 @@ def _run(plan: _Plan, stale: list[int], tok: _Tok | None, echo: Echo) -> dict[st
         file_sha = save_tokenizer(tok.tok, data_dir / TOKENIZER_FILE)
         redo = {w.source.name for w in work}
         entries = {e["name"]: e for e in (plan.old or {}).get("sources", []) if e["name"] not in redo}
-        _write_json(data_dir / MANIFEST, plan.manifest(entries, tok, file_sha))
+        write_json_atomic(data_dir / MANIFEST, plan.manifest(entries, tok, file_sha), indent=1)
         for w, span in zip(work, spans, strict=True):
             written = _write_tokens(table, span, data_dir / w.entry["file"], plan.dtype, scratch)
             assert written == w.entry["tokens"]
             entries[w.source.name] = w.entry
-            _write_json(data_dir / MANIFEST, plan.manifest(entries, tok, file_sha))
+            write_json_atomic(data_dir / MANIFEST, plan.manifest(entries, tok, file_sha), indent=1)
             e, va = w.entry, w.entry["val"]
             echo(
                 f"  {e['name']}: {e['tokens']:,} tokens, {e['documents']:,} documents, "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import UserError
+from ..osutil import atomic_write
 
 EOT = "<|endoftext|>"
 """The end-of-text token that separates packed documents (GPT-3 Appendix B)."""
@@ -199,7 +199,5 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> str:
     sha = hashlib.sha256(data).hexdigest()
     if path.is_file() and file_sha256(path) == sha:
         return sha
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return sha

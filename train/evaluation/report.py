@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..data.mixture import Mixture
@@ -75,24 +71,6 @@ def validation_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def task_descriptions(names: Sequence[str]) -> str:
     return "\n".join(f"  {n}: {TASKS[n].description}" for n in names if n in TASKS)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON next to its destination, then rename over it: a reader never sees half a file, and an
-    error leaves any previous file as it was."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def log_eval_tables(
