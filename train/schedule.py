@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, global_batch
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Schedule:
             min_lr_ratio=cfg.schedule.min_lr_ratio,
             ramp_tokens=cfg.schedule.ramp_tokens,
             ramp_start_tokens=cfg.schedule.ramp_start_tokens,
-            full_batch=cfg.train.global_batch or cfg.train.micro_batch * world_size,
+            full_batch=global_batch(cfg, world_size),
             batch_quantum=cfg.train.micro_batch * world_size,
             n_ctx=cfg.model.n_ctx,
         )

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from ..config import Config, load_config
+from ..config import Config, global_batch, load_config
 from ..errors import UserError
 from ..osutil import write_json_atomic
 from . import sources as src_mod
@@ -428,8 +428,9 @@ class _Scratch:
 
 
 def planned_samples(cfg: Config) -> int:
-    """Samples of the planned run: max_steps x global batch (micro batch when the global batch is 0)."""
-    return cfg.train.max_steps * (cfg.train.global_batch or cfg.train.micro_batch)
+    """Samples of the planned run at one process: max_steps x global batch. `prepare` cannot know the world size;
+    with train.global_batch=0 a launch of N processes draws N times as many, which the trainer's epochs table shows."""
+    return cfg.train.max_steps * global_batch(cfg, world_size=1)
 
 
 @dataclass
