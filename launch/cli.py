@@ -1,4 +1,4 @@
-"""`scalegpt`: one entry point with the sub-commands of DESIGN.md.
+"""`scalegpt`: one entry point for prepare, train, launch, sample, eval, export, plan and plot.
 
 Each sub-command's parser lives here; its work lives in the module that owns it. Bad input of any
 kind becomes one line, `scalegpt: error: ...`, and exit code 2.
@@ -13,8 +13,12 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..train.errors import SharedUserError, UserError
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # command -> (module, function); the function takes the parsed argparse.Namespace.
 HANDLERS: dict[str, tuple[str, str]] = {
@@ -34,20 +38,32 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _with_config(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
+    """A sub-command that reads a run YAML and key=value overrides."""
+    s = sub.add_parser(name, help=help_, description=help_)
+    s.add_argument("config", help="run YAML, or a packaged preset by name: configs/smoke.yaml, smoke, gpt3-small")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
+    return s
 
-    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help_, description=help_)
-        s.add_argument("config", help="run YAML, e.g. configs/smoke.yaml")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
-        return s
 
-    with_config("prepare", "tokenize every source of the config's data section")
-    s = with_config("train", "train in this process (one rank under a launcher)")
+def _with_weights(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
+    """A sub-command that reads trained weights."""
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+    return s
+
+
+def _add_prepare(sub: _Subparsers) -> None:
+    _with_config(sub, "prepare", "tokenize every source of the config's data section")
+
+
+def _add_train(sub: _Subparsers) -> None:
+    s = _with_config(sub, "train", "train in this process (one rank under a launcher)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
-    s = with_config("launch", "start a multi-process / multi-GPU / multi-node run")
+
+
+def _add_launch(sub: _Subparsers) -> None:
+    s = _with_config(sub, "launch", "start a multi-process / multi-GPU / multi-node run")
     where = s.add_mutually_exclusive_group()
     where.add_argument("--procs", type=int, help="N CPU processes on this machine")
     where.add_argument("--gpus", type=int, help="N GPUs on this machine")
@@ -76,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--account", default=None, help="SLURM account")
     s.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
 
-    s = sub.add_parser("sample", help="sample text from a run, checkpoint or export")
-    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+
+def _add_sample(sub: _Subparsers) -> None:
+    s = _with_weights(sub, "sample", "sample text from a run, checkpoint or export")
     s.add_argument("--prompt", default=None, help="prompt text (default: read stdin if piped, else empty)")
     s.add_argument("--prompt-file", default=None, help="file of prompts, one per line")
     s.add_argument("--max-new-tokens", type=int, default=100)
@@ -91,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stream", action="store_true", help="print whole samples, not token by token")
     s.add_argument("--device", default="auto")
 
-    s = sub.add_parser("eval", help="few-shot and validation evaluation")
-    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+
+def _add_eval(sub: _Subparsers) -> None:
+    s = _with_weights(sub, "eval", "few-shot and validation evaluation")
     s.add_argument(
         "--tasks",
         nargs="*",
@@ -113,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of local lm-eval task YAMLs")
     s.add_argument("--device", default="auto")
 
-    s = sub.add_parser("export", help="export weights to safetensors or Hugging Face format")
-    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+
+def _add_export(sub: _Subparsers) -> None:
+    s = _with_weights(sub, "export", "export weights to safetensors or Hugging Face format")
     s.add_argument("--format", choices=["safetensors", "hf"], required=True)
     s.add_argument("out_dir")
 
+
+def _add_plan(sub: _Subparsers) -> None:
     s = sub.add_parser("plan", help="memory and throughput plan for a config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -125,22 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
     s.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOPS per GPU for step time")
 
+
+def _add_plot(sub: _Subparsers) -> None:
     s = sub.add_parser("plot", help="PNG curves of a run")
     s.add_argument("run_dir")
     s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
     s.add_argument("--data-dir", default=None, help="prepared data for the epochs panel (default: the config's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_prepare, _add_train, _add_launch, _add_sample, _add_eval, _add_export, _add_plan, _add_plot):
+        add(sub)
     return p
 
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int | None]:
     module_name, func = HANDLERS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise UserError(f"`scalegpt {command}` is not built yet") from exc
-        raise
-    return getattr(module, func)
+    return getattr(importlib.import_module(module_name), func)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

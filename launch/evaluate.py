@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..train.errors import UserError
-from ..train.evaluation.fewshot import FEW, ShotResult, Shots, plan_tasks, run_plans
+from ..train.evaluation.fewshot import FEW, ShotResult, Shots, TaskPlan, plan_tasks, run_plans
 from ..train.evaluation.report import (
     fewshot_table,
     log_eval_tables,
@@ -25,6 +25,12 @@ from ..train.evaluation.report import (
 from ..train.evaluation.tasks import Task, get_tasks
 from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_config, read_tokenizer, resolve
 from ..train.osutil import write_json_atomic
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from torch import nn
+
+    from ..train.data.mixture import Mixture
 
 DEFAULT_SHOTS: tuple[Shots, ...] = (0, 1, FEW)
 
@@ -89,19 +95,18 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    """Entry point of `scalegpt eval` (parser in launch/cli.py)."""
-    tasks, shots = _check_args(args)
-    resolved = resolve(args.path)
-    meta = _checkpoint_meta(resolved)
+def _before_weights(
+    args: argparse.Namespace, resolved: ResolvedPath, tasks: list[Task], shots: list[Shots]
+) -> tuple[Mixture | None, str, list[TaskPlan]]:
+    """The validation data and the task plans, from the config and tokenizer alone, so a K that does not
+    fit n_ctx or a missing data folder fails before the weights are read."""
+    from ..train.evaluation.validation import open_validation_data
+
     cfg, tokenizer = read_config(resolved.config_file), read_tokenizer(resolved)
-
-    from ..train.evaluation.validation import open_validation_data, validation_metrics
-
     mixture, data_note = (None, "validation skipped (--val-batches 0)")
     if args.val_batches:
         mixture, data_note = open_validation_data(cfg, tokenizer, args.data_dir)
-    plans = plan_tasks(  # checks every K fits n_ctx before the weights are read
+    plans = plan_tasks(
         tasks,
         tokenizer,
         cfg.model.n_ctx,
@@ -110,41 +115,66 @@ def eval_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         few_max=args.few_max,
     )
+    return mixture, data_note, plans
+
+
+def _run_fewshot(
+    args: argparse.Namespace, model: nn.Module, tokenizer: Tokenizer, plans: list[TaskPlan], tasks: list[Task]
+) -> list[ShotResult]:
+    if not plans:
+        return []
+    results = run_plans(model, tokenizer, plans, batch_size=args.batch_size)
+    _say(f"\nfew-shot accuracy (GPT-3 Section 2.4; seed {args.seed})")
+    _say(fewshot_table(results))
+    _say(task_descriptions([t.name for t in tasks]))
+    return results
+
+
+def _run_validation(
+    args: argparse.Namespace, model: nn.Module, mixture: Mixture | None, data_note: str
+) -> dict[str, dict[str, float]]:
+    from ..train.evaluation.validation import validation_metrics
+
+    _say(f"\n{data_note}")
+    if mixture is None:
+        return {}
+    validation = validation_metrics(model, mixture, batch_size=args.batch_size, max_batches=args.val_batches)
+    if validation:
+        _say(validation_table(validation))
+    else:
+        _say("(no source has a validation split; prepare with data.val_fraction > 0)")
+    return validation
+
+
+def _run_lm_eval(args: argparse.Namespace, model: nn.Module, tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
+    if not args.lm_eval:
+        return {}
+    from ..train.evaluation.harness import ScalegptLM, run_lm_eval
+
+    lm = ScalegptLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    results = run_lm_eval(lm, args.lm_eval, include_path=args.lm_eval_include, limit=args.num_examples, seed=args.seed)
+    _say("\nlm-evaluation-harness")
+    for task, metrics in results.items():
+        _say(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return results
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Entry point of `scalegpt eval` (parser in launch/cli.py)."""
+    tasks, shots = _check_args(args)
+    resolved = resolve(args.path)
+    meta = _checkpoint_meta(resolved)
+    mixture, data_note, plans = _before_weights(args, resolved, tasks, shots)
 
     model, tokenizer, cfg = load_for_inference(args.path, device=args.device)
-    device = next(model.parameters()).device
     params = sum(p.numel() for p in model.parameters())
     step = f"step {meta['step']}, " if "step" in meta else ""
+    device = next(model.parameters()).device
     _say(f"evaluating {args.path} ({step}{params:,} parameters, n_ctx {cfg.model.n_ctx}, {device.type})")
 
-    results: list[ShotResult] = []
-    if plans:
-        results = run_plans(model, tokenizer, plans, batch_size=args.batch_size)
-        _say(f"\nfew-shot accuracy (GPT-3 Section 2.4; seed {args.seed})")
-        _say(fewshot_table(results))
-        _say(task_descriptions([t.name for t in tasks]))
-
-    validation: dict[str, dict[str, float]] = {}
-    _say(f"\n{data_note}")
-    if mixture is not None:
-        validation = validation_metrics(model, mixture, batch_size=args.batch_size, max_batches=args.val_batches)
-        if validation:
-            _say(validation_table(validation))
-        else:
-            _say("(no source has a validation split; prepare with data.val_fraction > 0)")
-
-    lm_eval_results: dict[str, dict[str, float]] = {}
-    if args.lm_eval:
-        from ..train.evaluation.harness import ScalegptLM, run_lm_eval
-
-        lm = ScalegptLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
-        lm_eval_results = run_lm_eval(
-            lm, args.lm_eval, include_path=args.lm_eval_include, limit=args.num_examples, seed=args.seed
-        )
-        _say("\nlm-evaluation-harness")
-        for task, metrics in lm_eval_results.items():
-            _say(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-
+    results = _run_fewshot(args, model, tokenizer, plans, tasks)
+    validation = _run_validation(args, model, mixture, data_note)
+    lm_eval_results = _run_lm_eval(args, model, tokenizer)
     report = {
         "model": str(args.path),
         **meta,

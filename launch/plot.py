@@ -127,23 +127,7 @@ def epochs_by_source(
     return out, f"epochs from {where}"
 
 
-def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tuple[Figure, list[str]]:
-    """The figure of a run's curves (axes titled as PANELS) and notes on what could not be drawn."""
-    run = Path(run_dir)
-    records, bad = read_metrics(run)
-    notes = [f"skipped {bad} unreadable line(s) of metrics.jsonl"] if bad else []
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
-    for ax, title in zip(axes, PANELS, strict=True):
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("step")
-    names = _sources(records, "val_loss/")
-    color = {name: f"C{4 + i}" for i, name in enumerate(names)}  # one colour per source in every panel
-    last = records[-1]
-    fig.suptitle(f"{run.name}: step {last['step']:,}, {last.get('tokens', 0):,} tokens")
-
-    ax = axes[0]
+def _loss_panel(ax: Axes, records: list[dict[str, Any]], color: dict[str, str]) -> None:
     steps, loss = _series(records, "loss")
     if steps:
         ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8)
@@ -151,42 +135,77 @@ def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tupl
     xs, ys = _series(records, "val_loss")
     if xs:
         ax.plot(xs, ys, "o-", color="C3", ms=3, label="validation")
-    for name in names:
+    for name in color:
         ax.plot(*_series(records, f"val_loss/{name}"), "--", color=color[name], lw=1, label=f"val {name}")
     ax.set_ylabel("nats per token")
     ax.legend(fontsize=8)
 
-    ax = axes[1]
+
+def _bpb_panel(ax: Axes, records: list[dict[str, Any]], color: dict[str, str]) -> None:
     xs, ys = _series(records, "val_bpb")
-    if xs:
-        ax.plot(xs, ys, "o-", color="C3", ms=3, label="mixture")
-        for name in _sources(records, "val_bpb/"):
-            ax.plot(*_series(records, f"val_bpb/{name}"), "--", color=color.get(name), lw=1, label=name)
-        ax.set_ylabel("bits per byte")
-        ax.legend(fontsize=8)
-    else:
+    if not xs:
         _note(ax, "no validation yet (eval.every = 0, or before the first evaluation)")
+        return
+    ax.plot(xs, ys, "o-", color="C3", ms=3, label="mixture")
+    for name in _sources(records, "val_bpb/"):
+        ax.plot(*_series(records, f"val_bpb/{name}"), "--", color=color.get(name), lw=1, label=name)
+    ax.set_ylabel("bits per byte")
+    ax.legend(fontsize=8)
 
-    for ax, key, label in ((axes[2], "lr", "learning rate"), (axes[3], "tokens_per_sec", "tokens / s")):
-        xs, ys = _series(records, key)
-        ax.plot(xs, ys, color="C1")
-        ax.set_ylabel(label)
+
+def _line_panel(ax: Axes, records: list[dict[str, Any]], key: str, label: str) -> None:
+    ax.plot(*_series(records, key), color="C1")
+    ax.set_ylabel(label)
+
+
+def _grad_norm_panel(ax: Axes, records: list[dict[str, Any]]) -> None:
     xs, ys = _series(records, "grad_norm")
-    if xs:
-        axes[4].plot(xs, ys, color="C2", lw=0.8)
-        axes[4].set_yscale("log")
-    else:
-        _note(axes[4], "no gradient norms logged")
+    if not xs:
+        _note(ax, "no gradient norms logged")
+        return
+    ax.plot(xs, ys, color="C2", lw=0.8)
+    ax.set_yscale("log")
 
+
+def _epochs_panel(ax: Axes, epochs: dict[str, tuple[list[int], list[float]]], color: dict[str, str]) -> None:
+    for name, (xs, ys) in epochs.items():
+        ax.plot(xs, ys, color=color.get(name), label=name)
+    ax.set_ylabel("epochs")
+    ax.legend(fontsize=8)
+
+
+def _blank_figure(title: str) -> tuple[Figure, list[Axes]]:
+    """A 2 x 3 grid of empty panels, titled as PANELS, steps along every x axis."""
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    axes = list(fig.subplots(2, 3).ravel())
+    for ax, panel in zip(axes, PANELS, strict=True):
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    return fig, axes
+
+
+def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tuple[Figure, list[str]]:
+    """The figure of a run's curves (axes titled as PANELS) and notes on what could not be drawn."""
+    run = Path(run_dir)
+    records, bad = read_metrics(run)
+    notes = [f"skipped {bad} unreadable line(s) of metrics.jsonl"] if bad else []
+    last = records[-1]
+    fig, axes = _blank_figure(f"{run.name}: step {last['step']:,}, {last.get('tokens', 0):,} tokens")
+    names = _sources(records, "val_loss/")
+    color = {name: f"C{4 + i}" for i, name in enumerate(names)}  # one colour per source in every panel
+    _loss_panel(axes[0], records, color)
+    _bpb_panel(axes[1], records, color)
+    _line_panel(axes[2], records, "lr", "learning rate")
+    _line_panel(axes[3], records, "tokens_per_sec", "tokens / s")
+    _grad_norm_panel(axes[4], records)
     epochs, why = epochs_by_source(run, records, data_dir)
     if epochs is None:
         _note(axes[5], why)
         notes.append(f"epochs panel left empty: {why}")
     else:
-        for name, (xs, ys) in epochs.items():
-            axes[5].plot(xs, ys, color=color.get(name), label=name)
-        axes[5].set_ylabel("epochs")
-        axes[5].legend(fontsize=8)
+        _epochs_panel(axes[5], epochs, color)
     return fig, notes
 
 

@@ -17,10 +17,10 @@ import torch
 from tokenizers import Tokenizer
 
 from ..model.generate import generate
+from ..train.data.tokenizer import EOT
 from ..train.errors import UserError
 from ..train.inference import load_for_inference, pick_device
 
-EOT = "<|endoftext|>"
 _MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so a byte-level BPE needs at most 4 tokens
 
 

@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
+# The corpus presets (configs/data/shakespeare.yaml, real-mix.yaml) read their files from here instead of
+# downloading them, so the suite runs offline; subprocesses inherit it. Set unconditionally, so a
+# developer's own mirror cannot change what the tests read.
+os.environ["SCALEGPT_DATA_ROOT"] = str(SHARED_DATA)
+
 
 def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """Build the folder `name` once per test session, even when pytest-xdist runs the session on several

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scalegpt.train.checkpoint import checkpoint_dir, find_latest, write_latest
 from scalegpt.train.osutil import free_port  # noqa: F401  (tests import it from here)
 
 from conftest import ROOT
@@ -75,12 +76,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if m["loss"] is not None}  # step 0: evaluation only
 
 
-def fork_run(src: Path, dst: Path, tag: str) -> Path:
-    """A new run directory holding only `src`'s checkpoint `tag` as latest: resuming there replays the
-    rest of src's run."""
-    (dst / "checkpoints").mkdir(parents=True)
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the complete checkpoint `latest` names, or None."""
+    latest = find_latest(run_dir)
+    return latest.step if latest is not None and latest.complete else None
+
+
+def fork_run(src: Path, dst: Path, step: int) -> Path:
+    """A new run directory holding only `src`'s checkpoint of step `step` as latest: resuming there replays
+    the rest of src's run."""
+    dst.mkdir(parents=True)
     for name in ("config.yaml", "tokenizer.json"):
         shutil.copy(src / name, dst / name)
-    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
-    (dst / "checkpoints" / "latest").write_text(tag)
+    shutil.copytree(checkpoint_dir(src, step), checkpoint_dir(dst, step))
+    write_latest(dst, step)
     return dst

@@ -1,6 +1,7 @@
-"""Helpers for the eval and plot tests.
+"""Helpers for the eval, plot, sampling and generation tests.
 
 - TableLM / chain_model: a bigram "model" whose log-likelihoods we set, so scores are known by hand;
+- varied_weights: a real GPT whose greedy output depends on its context;
 - tiny_world: a tiny prepared corpus, an exported model on it and a fake run directory, made in-process
   (no subprocess, no DeepSpeed) once per test session under pytest's base temp folder."""
 
@@ -104,6 +105,22 @@ def tiny_world(factory: pytest.TempPathFactory) -> TinyWorld:
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         done.touch()
     return TinyWorld(load_config(root / "tiny.yaml"), root / "data", root / "export", root / "run")
+
+
+def varied_weights(model: GPT) -> GPT:
+    """Random weights whose greedy output changes with position and context. GPT-2's own init with
+    tied embeddings makes every token predict itself, so greedy would repeat one token and hide cache
+    bugs. Token embeddings of norm 3, position embeddings N(0, 1) and N(0, 0.3) elsewhere give varied
+    output whose argmax depends on the context, so a cache that keeps stale keys changes the text."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        wte = model.transformer.wte.weight
+        wte.copy_(3 * wte / wte.norm(dim=1, keepdim=True))
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+        model.transformer.ln_f.bias.zero_()
+    return model.eval()
 
 
 class TableLM(nn.Module):

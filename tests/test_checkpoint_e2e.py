@@ -3,8 +3,8 @@ corruption. Every run is a real `scalegpt` process (or two ranks under DeepSpeed
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from scalegpt.train.checkpoint import checkpoint_dir, checkpoint_root, find_latest, read_meta, step_of, tag_for
+
 from conftest import ROOT, TEN_STEPS
-from e2e import SMALL_DATA, SMOKE, fork_run, losses, metrics, train
+from e2e import SMALL_DATA, SMOKE, fork_run, latest_step, losses, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.slow
 def test_resume_is_bitwise_exact(reference_runs, prepared: Path, tmp_path: Path, procs: int, precision: str) -> None:  # noqa: ANN001
     """10 steps in one go == 5 steps, a resume, then 5 more: the same losses, bit for bit."""
     ref = reference_runs(procs, precision)
-    resumed = fork_run(ref, tmp_path / "resumed", "step_000005")
+    resumed = fork_run(ref, tmp_path / "resumed", 5)
     proc = train(resumed, prepared, *TEN_STEPS, f"train.precision={precision}", procs=procs)
     assert "resumed from" in proc.stdout and "at step 5 (sample 80)" in proc.stdout
     want, got = losses(ref), losses(resumed)
@@ -43,7 +45,7 @@ def test_resume_on_a_different_world_size(
     """Through DeepSpeed's universal checkpoint. Losses continue within 1e-4 relative (only the order of
     floating-point sums changes), and the sample order continues: nothing skipped, nothing repeated."""
     ref = reference_runs(before)
-    resumed = fork_run(ref, tmp_path / "resumed", "step_000005")
+    resumed = fork_run(ref, tmp_path / "resumed", 5)
     proc = train(resumed, prepared, *TEN_STEPS, procs=after)
     assert f"written by {before}" in proc.stdout and "universal" in proc.stdout
     want, got = losses(ref), losses(resumed)
@@ -92,16 +94,18 @@ def _steps_logged(run: Path) -> int:
 
 
 def test_sigterm_saves_and_exits_0(prepared: Path, tmp_path: Path) -> None:
-    """SIGUSR1 (SLURM's warning before the time limit) is tested through the launcher, below."""
-    proc = _start(tmp_path, prepared)
+    """The ranks agree on a stop when they next log, so the run stops at a logged step and saves it.
+    SIGUSR1 (SLURM's warning before the time limit) is tested through the launcher, below."""
+    proc = _start(tmp_path, prepared, "log.every=3")
     _wait_for(lambda: _steps_logged(tmp_path) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "received a stop signal" in out
-    tag = (tmp_path / "checkpoints" / "latest").read_text()
-    step = json.loads((tmp_path / "checkpoints" / tag / "scalegpt.json").read_text())["step"]
-    assert step == metrics(tmp_path)[-1]["step"] >= 3  # saved the step it finished
+    latest = find_latest(tmp_path)
+    assert latest is not None and latest.complete
+    assert read_meta(latest.path)["step"] == latest.step == metrics(tmp_path)[-1]["step"] >= 3  # the step it finished
+    assert latest.step % 3 == 0
 
 
 def test_signal_through_the_launcher_reaches_both_ranks(prepared: Path, tmp_path: Path) -> None:
@@ -132,25 +136,23 @@ def test_signal_through_the_launcher_reaches_both_ranks(prepared: Path, tmp_path
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "received a stop signal" in out
-    tag = (tmp_path / "checkpoints" / "latest").read_text()
-    assert all(
-        (tmp_path / "checkpoints" / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in (0, 1)
-    )
+    latest = find_latest(tmp_path)
+    assert latest is not None and latest.complete
+    assert all((latest.path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in (0, 1))
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def test_kill_9_resumes_from_last_complete_checkpoint(prepared: Path, tmp_path: Path) -> None:
     proc = _start(tmp_path, prepared, "checkpoint.every=2", "checkpoint.keep=2")
-    latest = tmp_path / "checkpoints" / "latest"
-    _wait_for(lambda: latest.exists() and latest.read_text() >= "step_000004", proc)
+    _wait_for(lambda: (latest_step(tmp_path) or 0) >= 4, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    tag = latest.read_text()
+    step = latest_step(tmp_path)
+    assert step is not None
     # a save that died half way: a newer step directory without scalegpt.json, and not in `latest`
-    half = tmp_path / "checkpoints" / "step_999999"
+    half = checkpoint_dir(tmp_path, 999_999)
     half.mkdir()
     (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
-    step = int(tag.split("_")[1])
     resumed = train(
         tmp_path,
         prepared,
@@ -161,7 +163,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint(prepared: Path, tmp_path: 
         "checkpoint.keep=2",
     )
     assert f"at step {step} " in resumed.stdout
-    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step + 2:06d}"
+    assert latest_step(tmp_path) == step + 2
 
 
 def test_resume_with_another_model_or_tokenizer_names_the_difference(
@@ -170,7 +172,7 @@ def test_resume_with_another_model_or_tokenizer_names_the_difference(
     tmp_path: Path,
 ) -> None:
     ref = reference_runs(1)
-    ckpt = ref / "checkpoints" / "step_000005"
+    ckpt = checkpoint_dir(ref, 5)
     proc = train(tmp_path / "a", prepared, *TEN_STEPS, f"checkpoint.resume={ckpt}", "model.n_layer=3", check=False)
     assert proc.returncode == 2 and "model.n_layer: checkpoint 2, now 3" in proc.stderr
     other = tmp_path / "other_data"
@@ -188,16 +190,14 @@ def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(
     tmp_path: Path,
 ) -> None:
     ref = reference_runs(1)
-    run = fork_run(ref, tmp_path / "run", "step_000010")
-    import shutil
-
-    shutil.copytree(ref / "checkpoints" / "step_000005", run / "checkpoints" / "step_000005")
-    bad = run / "checkpoints" / "step_000010" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    run = fork_run(ref, tmp_path / "run", 10)
+    shutil.copytree(checkpoint_dir(ref, 5), checkpoint_dir(run, 5))
+    bad = checkpoint_dir(run, 10) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
     proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", check=False)
     assert proc.returncode == 2 and str(bad) in proc.stderr and "corrupt" in proc.stderr
     proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", "checkpoint.fallback=true")
-    assert "falling back to step_000005" in proc.stderr and "at step 5 " in proc.stdout
+    assert f"falling back to {tag_for(5)}" in proc.stderr and "at step 5 " in proc.stdout
 
 
 def test_resume_never_refuses_existing_checkpoints(reference_runs, prepared: Path) -> None:  # noqa: ANN001
@@ -207,6 +207,6 @@ def test_resume_never_refuses_existing_checkpoints(reference_runs, prepared: Pat
 
 def test_keep_prunes_old_checkpoints(reference_runs) -> None:  # noqa: ANN001
     ref = reference_runs(1)
-    tags = sorted(p.name for p in (ref / "checkpoints").glob("step_*"))
-    assert tags == ["step_000005", "step_000010"]  # keep=3, two were made
-    assert (ref / "checkpoints" / "latest").read_text() == "step_000010"
+    steps = sorted(step for p in checkpoint_root(ref).iterdir() if (step := step_of(p.name)) is not None)
+    assert steps == [5, 10]  # keep=3, two were made
+    assert latest_step(ref) == 10

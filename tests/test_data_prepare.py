@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import shutil
 import sysconfig
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from scalegpt.train.data.prepare import ROW_CHARS, prepare
 from scalegpt.train.data.sources import resolve
 from scalegpt.train.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
+from conftest import CONFIGS
+
 TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
 
 
@@ -253,12 +252,9 @@ def test_invalid_utf8_skip_counts_and_drops_bad_lines(tmp_path: Path, tokenizer_
 
 @pytest.fixture
 def preset_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A run file in tmp_path that composes one of the repository's data presets with the nano model;
-    relative paths in the presets resolve against the repository root, as for a user."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (it holds the real-text corpora)")
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    monkeypatch.chdir(ROOT)
+    """A run file in a user's own folder (tmp_path, also the working directory) that composes one of the
+    packaged data presets with the nano model; their corpora come from SCALEGPT_DATA_ROOT (conftest.py)."""
+    monkeypatch.chdir(tmp_path)
 
     def make(data: str) -> Path:
         run = tmp_path / f"{data}.yaml"
@@ -268,7 +264,7 @@ def preset_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return make
 
 
-def test_shakespeare_preset_holds_out_the_last_tenth(preset_run, tmp_path: Path, capsys) -> None:
+def test_shakespeare_preset_holds_out_the_last_tenth(preset_run, shared_data: Path, tmp_path: Path, capsys) -> None:
     run = preset_run("shakespeare")
     assert main(["prepare", str(run), f"data.dir={tmp_path / 'p'}", "data.tokenizer_sample_mb=0.3"]) == 0
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
@@ -278,15 +274,15 @@ def test_shakespeare_preset_holds_out_the_last_tenth(preset_run, tmp_path: Path,
     assert "shakespeare" in capsys.readouterr().out
 
 
-def test_real_mix_preset_resolves_every_domain(preset_run) -> None:
-    """Every corpus of ../shared/data/corpora plus stdlib code, web heaviest (tokenizing all 5 MB is the
+def test_real_mix_preset_resolves_every_domain(preset_run, shared_data: Path) -> None:
+    """Every corpus of the data root's corpora/ plus stdlib code, web heaviest (tokenizing all 5 MB is the
     benchmark's job, bench/data.py)."""
     cfg = load_config(preset_run("real-mix"))
     found = {s.name: resolve(s) for s in cfg.data.sources}
     weights = {s.name: s.weight for s in cfg.data.sources}
     assert max(weights, key=weights.get) == "web" and weights["books"] > weights["wiki"] > weights["drama"]
     files = {f.name for src in found.values() for f in src.files}
-    assert {p.name for p in (SHARED / "corpora").glob("*.txt")} <= files
+    assert {p.name for p in (shared_data / "corpora").glob("*.txt")} <= files
     assert any(f.suffix == ".py" for f in found["code"].files)
 
 
@@ -299,7 +295,7 @@ def test_gpt3_preset_needs_user_paths(preset_run, tmp_path: Path, capsys) -> Non
 
 
 def test_builtin_preset_matches_smoke_sizes() -> None:
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    cfg = load_config(CONFIGS / "smoke.yaml")
     assert cfg.data.dir == "prepared/builtin" and cfg.model.vocab_size == 512
     assert [s.builtin for s in cfg.data.sources] == ["arithmetic", "scramble", "prose"]
     assert sum(s.builtin_mb for s in cfg.data.sources) >= 3.0  # a few MB for the smoke run
@@ -307,12 +303,12 @@ def test_builtin_preset_matches_smoke_sizes() -> None:
 
 def test_a_spawned_worker_loads_the_tokenizer_itself(tokenizer_path: Path) -> None:
     """Forked map workers inherit the tokenizer; a spawned one (macOS, Windows) reads the scratch copy."""
-    from scalegpt.train.data import prepare as prep
+    from scalegpt.train.data.prepare import read, workers
 
-    rows = pa.Table.from_batches([prep._row_batch(3, [(["hello world", "\nagain"], [False, True])])])
-    out = prep._encode_rows(rows, "not-inherited", str(tokenizer_path), 0, "uint16")
+    rows = pa.Table.from_batches([read.row_batch(3, [(["hello world", "\nagain"], [False, True])])])
+    out = workers.encode_rows(rows, "not-inherited", str(tokenizer_path), 0, "uint16")
     tok = load_tokenizer(tokenizer_path)
     assert out.column("ids").to_pylist() == [tok.encode("hello world\nagain").ids + [0]]
     assert out.column("src").to_pylist() == [3] and out.column("nbytes").to_pylist() == [17]
     assert out.column("doc_ends").to_pylist() == [[len(out.column("ids").to_pylist()[0])]]
-    prep._WORKER_TOKENIZERS.pop("not-inherited")
+    workers.WORKER_TOKENIZERS.pop("not-inherited")

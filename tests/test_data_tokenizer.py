@@ -25,10 +25,7 @@ from scalegpt.train.data.tokenizer import (
 )
 from scalegpt.train.errors import UserError
 
-SHARED = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
-GPT2 = SHARED / "gpt2_tokenizer"
-SHAKESPEARE = SHARED / "corpora" / "drama_tinyshakespeare.txt"
-needs_shared = pytest.mark.skipif(not GPT2.is_dir(), reason=f"{SHARED} is absent (it holds GPT-2's BPE files)")
+GPT2 = "gpt2"  # the packaged copy of GPT-2's vocab.json + merges.txt
 
 
 def small_corpus() -> list[str]:
@@ -40,7 +37,6 @@ def bpe() -> object:
     return train_bpe(small_corpus(), 512)
 
 
-@needs_shared
 def test_gpt2_from_vocab_and_merges() -> None:
     tok = load_tokenizer(GPT2)
     assert tok.encode("Hello world").ids == [15496, 995]
@@ -131,11 +127,8 @@ def _chunked_equals_whole(tok, text: str, target: int) -> int:
     return len(pieces)
 
 
-@needs_shared
-def test_chunked_equals_whole_on_shakespeare_with_gpt2() -> None:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+def test_chunked_equals_whole_on_shakespeare_with_gpt2(shared_data: Path) -> None:
+    text = (shared_data / "corpora" / "drama_tinyshakespeare.txt").read_text(encoding="utf-8")
     assert _chunked_equals_whole(load_tokenizer(GPT2), text, 2000) > 400
 
 

@@ -87,55 +87,46 @@ def test_a_loaded_model_needs_its_tokenizer() -> None:
         ScalegptLM()
 
 
-TASKS_YAML = """
-task: toy_choice
+TASK_SOURCE = """
+task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
+"""
+"""Where every toy task reads DOCS: a local JSONL file, cached apart, so lm-eval stays offline."""
+
+TASKS = {
+    "toy_choice": """
 output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: label
 metric_list:
   - metric: acc
-"""
-
-GEN_YAML = """
-task: toy_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
+""",
+    "toy_generate": """
 output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: 8
 metric_list:
   - metric: exact_match
-"""
-
-ROLLING_YAML = """
-task: toy_perplexity
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
+""",
+    "toy_perplexity": """
 output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{question}}}}"
+doc_to_target: "{{question}}"
 metric_list:
   - metric: word_perplexity
   - metric: bits_per_byte
-"""
+""",
+}
+"""One task per request type: what each asks of the model and how it is scored."""
 
 
 DOCS = [
@@ -152,8 +143,8 @@ def write_tasks(root: Path) -> Path:
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     tasks = root / "tasks"
     tasks.mkdir()
-    for name, body in (("choice", TASKS_YAML), ("generate", GEN_YAML), ("rolling", ROLLING_YAML)):
-        (tasks / f"{name}.yaml").write_text(body.format(data=data, cache=root / "hf"))
+    for name, body in TASKS.items():
+        (tasks / f"{name}.yaml").write_text(TASK_SOURCE.format(name=name, data=data, cache=root / "hf") + body)
     return tasks
 
 

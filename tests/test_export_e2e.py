@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scalegpt.model import GPT, ModelConfig
+from scalegpt.train.checkpoint import checkpoint_dir, checkpoint_root
 from scalegpt.train.config import Config, to_yaml
 from scalegpt.train.inference import consolidated_state_dict, load_for_inference
 
@@ -28,7 +29,7 @@ def test_safetensors_export_holds_the_gathered_weights(run: Path, tmp_path: Path
     out = tmp_path / "st"
     scalegpt("export", str(run), "--format", "safetensors", str(out))
     exported = load_file(str(out / "model.safetensors"))
-    gathered = consolidated_state_dict(run / "checkpoints" / "step_000010")
+    gathered = consolidated_state_dict(checkpoint_dir(run, 10))
     assert exported.keys() == gathered.keys()
     assert all(torch.equal(exported[k], gathered[k]) for k in exported)
     assert (out / "config.yaml").is_file() and (out / "tokenizer.json").is_file()
@@ -43,7 +44,7 @@ def test_safetensors_export_holds_the_gathered_weights(run: Path, tmp_path: Path
 def test_hf_export_loads_offline_with_the_same_logits(run: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    proc = scalegpt("export", str(run / "checkpoints" / "step_000010"), "--format", "hf", str(out))
+    proc = scalegpt("export", str(checkpoint_dir(run, 10)), "--format", "hf", str(out))
     assert "verified" in proc.stdout
     theirs = transformers.GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -58,10 +59,10 @@ def test_hf_export_loads_offline_with_the_same_logits(run: Path, tmp_path: Path)
 
 
 def test_deepspeed_zero_to_fp32_works_on_our_checkpoints(run: Path, tmp_path: Path) -> None:
-    script = run / "checkpoints" / "zero_to_fp32.py"
+    script = checkpoint_root(run) / "zero_to_fp32.py"
     assert script.is_file()  # DeepSpeed copies it beside every save
     subprocess.run(
-        [sys.executable, str(script), str(run / "checkpoints"), str(tmp_path / "fp32"), "--safe_serialization"],
+        [sys.executable, str(script), str(checkpoint_root(run)), str(tmp_path / "fp32"), "--safe_serialization"],
         check=True,
         capture_output=True,
         timeout=300,
@@ -70,7 +71,7 @@ def test_deepspeed_zero_to_fp32_works_on_our_checkpoints(run: Path, tmp_path: Pa
     state = {}
     for f in files:
         state.update(load_file(str(f)))
-    ours = consolidated_state_dict(run / "checkpoints" / "step_000010")
+    ours = consolidated_state_dict(checkpoint_dir(run, 10))
     assert all(torch.equal(state[k], ours[k]) for k in ours)
 
 

@@ -3,8 +3,6 @@ and equality with Hugging Face's GPT-2 on the same weights."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -12,34 +10,15 @@ from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.generate import generate, sample_next, top_k_filter, top_p_filter, window_start
 from scalegpt.model.hf import hf_config, to_hf_state_dict
 
+from eval_helpers import varied_weights
+
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and on a busy 2-core machine OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def varied_model(**overrides: object) -> GPT:
-    """A random model whose greedy output changes with position and context. GPT-2's own init with
-    tied embeddings makes every token predict itself, so greedy would repeat one token and hide cache
-    bugs. Token embeddings of norm 3, position embeddings N(0, 1) and N(0, 0.3) elsewhere give varied
-    output whose argmax depends on the context (a cache that keeps stale keys fails the tests below)."""
-    torch.manual_seed(0)
+    """A small GPT with varied_weights: greedy decoding that depends on the context."""
     cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "d_model": 32, "n_ctx": 16, "vocab_size": 64, **overrides})
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        wte = model.transformer.wte.weight
-        wte.copy_(3 * wte / wte.norm(dim=1, keepdim=True))
-        model.transformer.wpe.weight.normal_(0.0, 1.0)
-        model.transformer.ln_f.bias.zero_()
-    return model
+    return varied_weights(GPT(cfg))
 
 
 def reference_greedy(model: GPT, prompt: list[int], n: int, shift: int) -> list[int]:

@@ -18,12 +18,13 @@ import pytest
 
 from scalegpt.launch.cli import main
 from scalegpt.launch.launcher import _is_rank, parse_hostfile
+from scalegpt.train.checkpoint import LATEST, checkpoint_dir
 from scalegpt.train.config import load_config, to_yaml
 from scalegpt.train.engine import adopt_launcher_env
 from scalegpt.train.errors import UserError
 
 from conftest import ROOT
-from e2e import SMALL_DATA, SMOKE, free_port, losses, metrics, scalegpt
+from e2e import SMALL_DATA, SMOKE, free_port, latest_step, losses, metrics, scalegpt
 
 BIN = Path(sys.executable).parent
 SIX_STEPS = ["train.max_steps=6", "log.every=1", "eval.every=0"]
@@ -429,13 +430,14 @@ def test_two_torchrun_nodes_on_one_machine_equal_two_local_processes(
     assert sorted(losses(rank0)) == list(range(1, 7))
     assert {m["world_size"] for m in metrics(rank0)} == {2}
     assert {"config.yaml", "metrics.jsonl", "tokenizer.json"} <= {p.name for p in rank0.iterdir()}
-    assert (rank0 / "checkpoints" / "latest").read_text() == "step_000006"
+    assert latest_step(rank0) == 6
 
     written = sorted(str(p.relative_to(rank1)) for p in rank1.rglob("*") if p.is_file())
     assert written, "rank 1 wrote no checkpoint shard: the test did not see rank 1's directory"
-    assert all(name.startswith("checkpoints/step_000006/") for name in written), written
-    assert not [n for n in written if n.endswith(("config.yaml", "metrics.jsonl", "tokenizer.json", "latest"))]
-    assert "checkpoints/step_000006/zero_pp_rank_1_mp_rank_00_optim_states.pt" in written
+    shard_dir = checkpoint_dir(Path(), 6)  # relative to the run directory: checkpoints/<tag>
+    assert all(name.startswith(f"{shard_dir}/") for name in written), written
+    assert not [n for n in written if n.endswith(("config.yaml", "metrics.jsonl", "tokenizer.json", LATEST))]
+    assert f"{shard_dir}/zero_pp_rank_1_mp_rank_00_optim_states.pt" in written
     assert "step 6/6" in outputs[0] and "step 6/6" not in outputs[1]  # only rank 0 prints progress
 
 
@@ -506,5 +508,5 @@ def test_the_sbatch_script_trains_and_stops_on_slurms_usr1(
     assert (run / "hostfile.77").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
     got, want = losses(run), losses(two_local_procs)
     assert len(got) >= 3 and {s: got[s] for s in got if s in want} == {s: want[s] for s in got if s in want}
-    assert (run / "checkpoints" / "latest").read_text() == f"step_{max(got):06d}"  # saved the step it stopped at
+    assert latest_step(run) == max(got)  # saved the step it stopped at
     assert {m["world_size"] for m in metrics(run)} == {2}

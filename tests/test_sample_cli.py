@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,13 @@ from scalegpt.launch.sample import TextStream
 from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.generate import generate
 from scalegpt.model.hf import to_hf_state_dict
+from scalegpt.train.checkpoint import LATEST, checkpoint_dir, checkpoint_root, tag_for, write_latest
 from scalegpt.train.config import Config, to_yaml
 from scalegpt.train.errors import UserError
 from scalegpt.train.inference import consolidated_state_dict, load_for_inference, resolve
 from scalegpt.train.osutil import free_port
+
+from eval_helpers import varied_weights
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog, and the dog sleeps on.",
@@ -39,6 +41,7 @@ MAKE_CHECKPOINT = textwrap.dedent(
     """
     import sys, torch, deepspeed
     from scalegpt.model import GPT, ModelConfig
+    from scalegpt.train.checkpoint import tag_for
     run, model_kwargs = sys.argv[1], eval(sys.argv[2])
     torch.manual_seed(0)
     model = GPT(ModelConfig(**model_kwargs))
@@ -48,35 +51,13 @@ MAKE_CHECKPOINT = textwrap.dedent(
     x = torch.randint(0, model.config.vocab_size, (1, model.config.n_ctx))
     engine.backward(engine(x, x)[1])
     engine.step()  # so the fp32 master weights are no longer the initial ones
-    engine.save_checkpoint(run + "/checkpoints", tag="step_000001", save_latest=False)
+    engine.save_checkpoint(run + "/checkpoints", tag=tag_for(1), save_latest=False)
     torch.save(engine.module.state_dict(), run + "/expected.pt")
     config["zero_optimization"]["stage"] = 0  # and one without ZeRO partitions
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    engine.save_checkpoint(run + "/stage0", tag="step_000001", save_latest=False)
+    engine.save_checkpoint(run + "/stage0", tag=tag_for(1), save_latest=False)
     """
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and on a busy 2-core machine OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def varied_weights(model: GPT) -> GPT:
-    """Weights whose greedy output changes with context (see tests/test_generate.py's varied_model)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-        wte = model.transformer.wte.weight
-        wte.copy_(3 * wte / wte.norm(dim=1, keepdim=True))
-        model.transformer.wpe.weight.normal_(0.0, 1.0)
-        model.transformer.ln_f.bias.zero_()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +103,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -> P
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = run / "checkpoints" / "step_000001"
-    (run / "checkpoints" / "latest").write_text("step_000001\n")
+    ckpt = checkpoint_dir(run, 1)
+    (checkpoint_root(run) / LATEST).write_text(tag_for(1) + "\n")  # by hand, with a newline: it is stripped
     (run / "config.yaml").write_text(to_yaml(Config(model=ModelConfig(**MODEL))))
     shutil.copy(tokenizer_file, run / "tokenizer.json")
     for name in ("config.yaml", "tokenizer.json"):
@@ -142,8 +123,8 @@ def sample(path: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[
 
 
 def test_resolve_each_kind(run_dir: Path, export_dir: Path) -> None:
-    ckpt = run_dir / "checkpoints" / "step_000001"
-    for path, kind in ((run_dir, "run"), (run_dir / "checkpoints", "run"), (ckpt, "checkpoint")):
+    ckpt = checkpoint_dir(run_dir, 1)
+    for path, kind in ((run_dir, "run"), (checkpoint_root(run_dir), "run"), (ckpt, "checkpoint")):
         r = resolve(path)
         assert (r.kind, r.weights_dir, r.run_dir) == (kind, ckpt, run_dir)
         assert r.config_file.is_file() and r.tokenizer_file is not None
@@ -159,14 +140,14 @@ def test_resolve_errors(tmp_path: Path, run_dir: Path) -> None:
         resolve(tmp_path / "file.txt")
     with pytest.raises(UserError, match="not a run, checkpoint or export directory"):
         resolve(tmp_path)
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    checkpoint_root(tmp_path / "run").mkdir(parents=True)
     with pytest.raises(UserError, match="has no checkpoint yet"):
         resolve(tmp_path / "run")
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000009")
-    with pytest.raises(UserError, match="names checkpoint 'step_000009'"):
+    write_latest(tmp_path / "run", 9)
+    with pytest.raises(UserError, match=f"names checkpoint '{tag_for(9)}'"):
         resolve(tmp_path / "run")
     lone = tmp_path / "lone"
-    shutil.copytree(run_dir / "checkpoints" / "step_000001", lone)
+    shutil.copytree(checkpoint_dir(run_dir, 1), lone)
     (lone / "config.yaml").unlink()
     with pytest.raises(UserError, match="no config.yaml"):
         resolve(lone)
@@ -174,7 +155,7 @@ def test_resolve_errors(tmp_path: Path, run_dir: Path) -> None:
 
 def test_consolidated_state_dict_gathers_the_fp32_master_weights(run_dir: Path) -> None:
     expected = torch.load(run_dir / "expected.pt")
-    state = consolidated_state_dict(run_dir / "checkpoints" / "step_000001")
+    state = consolidated_state_dict(checkpoint_dir(run_dir, 1))
     assert sorted(state) == sorted(expected)
     for name, tensor in expected.items():
         assert state[name].dtype == torch.float32
@@ -183,14 +164,14 @@ def test_consolidated_state_dict_gathers_the_fp32_master_weights(run_dir: Path) 
 
 def test_stage_0_checkpoint_is_read_from_its_module_states(run_dir: Path) -> None:
     expected = torch.load(run_dir / "expected.pt")
-    ckpt = run_dir / "stage0" / "step_000001"
+    ckpt = run_dir / "stage0" / tag_for(1)
     assert not list(ckpt.glob("*optim_states.pt"))
     state = consolidated_state_dict(ckpt)
     assert sorted(state) == sorted(expected) and all(torch.equal(state[k], v) for k, v in expected.items())
 
 
 def test_corrupt_or_missing_checkpoint_files_are_named(tmp_path: Path, run_dir: Path) -> None:
-    ckpt = shutil.copytree(run_dir / "checkpoints" / "step_000001", tmp_path / "step_000001")
+    ckpt = shutil.copytree(checkpoint_dir(run_dir, 1), tmp_path / tag_for(1))
     optim = next(ckpt.glob("*_optim_states.pt"))
     optim.write_bytes(optim.read_bytes()[:1000])
     with pytest.raises(UserError, match=f"{optim.name} is corrupt or truncated"):
@@ -235,9 +216,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path, export_dir: Path, to
 def test_checkpoint_and_export_sample_the_same_text(
     run_dir: Path, tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    exported = write_export(
-        tmp_path / "e", consolidated_state_dict(run_dir / "checkpoints" / "step_000001"), tokenizer_file
-    )
+    exported = write_export(tmp_path / "e", consolidated_state_dict(checkpoint_dir(run_dir, 1)), tokenizer_file)
     capsys.readouterr()
     args = ("--prompt", "the quick", "--max-new-tokens", "12", "--seed", "3")
     from_run = sample(run_dir, *args, capsys=capsys)

@@ -9,7 +9,7 @@ import pytest
 from scalegpt.train.config import load_config
 from scalegpt.train.engine import deepspeed_config, global_batch, param_groups
 from scalegpt.train.errors import UserError
-from scalegpt.train.schedule import Schedule
+from scalegpt.train.schedule import Cadence, Schedule
 
 from conftest import CONFIGS
 
@@ -36,7 +36,7 @@ def test_batch_ramp_from_32k_tokens_to_full_batch() -> None:
     assert s.batch_size(0) == 64  # 32k tokens = 16 sequences, rounded up to one accumulation step
     assert s.batch_size(2_000_000_000) == 128  # half way: (16 + 256) / 2 = 136 -> 2 accumulation steps
     assert s.batch_size(4_000_000_000) == 256  # the ramp ends at 4B tokens for Small
-    assert s.accumulation(10**12) == 4
+    assert s.batch_size(10**12) == 4 * s.batch_quantum  # the full batch: 4 accumulation steps
     one_gpu = _small(world=1)  # 8 sequences per accumulation step: the ramp has fine steps
     sizes = [one_gpu.batch_size(t) for t in range(0, 4_000_000_001, 250_000_000)]
     assert sizes[0] == 16 and sizes[-1] == 256
@@ -59,7 +59,8 @@ def test_deepspeed_json_comes_from_config() -> None:
     assert ds["train_batch_size"] == 256 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert ds["optimizer"]["params"] == {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    adam = {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    assert ds["optimizer"]["params"] == {**adam, "torch_adam": True, "fused": True}  # torch's AdamW: nothing to compile
     cpu = deepspeed_config(cfg, world_size=1, device="cpu")
     assert cpu["optimizer"]["params"]["torch_adam"] and cpu["gradient_accumulation_steps"] == 32
     assert cpu["optimizer"]["params"]["fused"]  # torch's fused CPU AdamW kernel
@@ -89,3 +90,10 @@ def test_weight_decay_only_on_matrices() -> None:
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert total == model.num_params() and not math.isnan(total)
+
+
+def test_cadence_is_due_on_its_multiples_and_at_the_end() -> None:
+    every_5 = Cadence(5, at_end=True)
+    assert [s for s in range(1, 13) if every_5.due(s, last=s == 12)] == [5, 10, 12]
+    assert not Cadence(0, at_end=False).due(12, last=True)  # eval.every=0: never, not even at the end
+    assert [s for s in range(1, 13) if Cadence(0, at_end=True).due(s, last=s == 12)] == [12]  # checkpoint.every=0

@@ -4,15 +4,19 @@ partitions the optimizer state is counted in tests/test_plan.py, beside the plan
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from scalegpt.train.checkpoint import find_latest
+
 from conftest import ROOT, TEN_STEPS
-from e2e import SMALL_DATA, SMOKE, losses, metrics, scalegpt, train
+from e2e import SMALL_DATA, SMOKE, latest_step, losses, metrics, scalegpt, train
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +78,7 @@ def test_nan_loss_stops_the_run_and_saves_nothing(prepared: Path, tmp_path: Path
         check=False,
     )
     assert proc.returncode == 2 and "loss became nan" in proc.stderr.lower()
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert find_latest(tmp_path) is None
 
 
 def test_smoke_run_learns(smoke_run: Path) -> None:
@@ -82,8 +86,8 @@ def test_smoke_run_learns(smoke_run: Path) -> None:
     evals = [r for r in records if "val_loss" in r]
     assert records[-1]["step"] == 200 and records[-1]["world_size"] == 2
     assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]  # far below the first evaluation
-    assert evals[-1]["val_loss"] < 0.5 * __import__("math").log(512)  # and far below uniform guessing
-    assert (smoke_run / "checkpoints" / "latest").read_text() == "step_000200"
+    assert evals[-1]["val_loss"] < 0.5 * math.log(512)  # and far below uniform guessing
+    assert latest_step(smoke_run) == 200
 
 
 def torch_extensions_dir() -> str:
@@ -96,7 +100,7 @@ def torch_extensions_dir() -> str:
 
 
 def test_wandb_without_a_key_runs_offline_and_never_prompts(prepared: Path, tmp_path: Path) -> None:
-    env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB")}
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     proc = subprocess.run(
         [
             sys.executable,
@@ -124,3 +128,64 @@ def test_wandb_without_a_key_runs_offline_and_never_prompts(prepared: Path, tmp_
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].iterdir())
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+# Counts, per training step, the reads of device values (each one makes the host wait for the device) and
+# the all-reduces made by the step path's own code, train/loop.py and train/metrics.py. DeepSpeed's reads
+# inside engine.step are its own, and outside what the loop controls.
+COUNT_SYNCS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from scalegpt.launch.cli import main
+    from scalegpt.train import loop
+
+    ours = (sys.argv[1] + "/train/loop.py", sys.argv[1] + "/train/metrics.py")
+    step, seen = [0], []
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename in ours:
+                seen.append((step[0], name))
+            return real(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        spy(torch.Tensor, name)
+    spy(torch.cuda, "synchronize")
+    spy(dist, "all_reduce")
+    train_step = loop.Trainer.train_step
+
+    def counted_step(self):
+        result = train_step(self)
+        step[0] = self.state.step
+        return result
+
+    loop.Trainer.train_step = counted_step
+    code = main(["train", *sys.argv[2:]])
+    print("SYNCS " + json.dumps(seen))
+    sys.exit(code)
+    """
+)
+
+
+def test_only_logged_steps_wait_for_the_device(prepared: Path, tmp_path: Path) -> None:
+    """Unlogged steps read nothing back; a logged step reads its losses, grad norms and the stop flag with
+    one all-reduce and one copy to the host."""
+    overrides = ["train.max_steps=7", "log.every=3", "eval.every=0", "checkpoint.every=0"]
+    args = [SMOKE, f"run.dir={tmp_path}", f"data.dir={prepared}", *SMALL_DATA, *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_SYNCS, str(ROOT), *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.split("SYNCS ", 1)[1])
+    by_step: dict[int, list[str]] = {}
+    for step, name in seen:
+        by_step.setdefault(step, []).append(name)
+    assert by_step == {3: ["all_reduce", "tolist"], 6: ["all_reduce", "tolist"], 7: ["all_reduce", "tolist"]}
+    assert sorted(losses(tmp_path)) == list(range(1, 8))  # and every step is still in metrics.jsonl

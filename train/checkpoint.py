@@ -32,9 +32,11 @@ import torch.distributed as dist
 from .config import Config, from_yaml_text
 from .errors import UserError
 from .osutil import atomic_write
+from .schedule import Cadence
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
-META = "scalegpt.json"
+META = "scalegpt.json"  # written last, by rank 0, after every rank saved: its presence marks a complete save
+LATEST = "latest"
 
 
 @dataclass
@@ -47,11 +49,23 @@ class TrainState:
 
 
 def tag_for(step: int) -> str:
+    """The directory name of step `step`'s checkpoint. Six digits at least, so names up to step 999,999 also
+    sort as text for a person listing them; code compares `step_of` instead."""
     return f"step_{step:06d}"
+
+
+def step_of(tag: str) -> int | None:
+    """The step a checkpoint name stands for, or None when it is not one."""
+    match = TAG_RE.match(tag)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / tag_for(step)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -59,19 +73,41 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None and (p / META).is_file()]
+    return sorted(found, key=lambda p: step_of(p.name) or 0)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    latest = checkpoint_root(run_dir) / "latest"
-    if not latest.is_file():
+@dataclass(frozen=True)
+class Latest:
+    """What RUN/checkpoints/latest names. Callers word their own error when it is not `complete`."""
+
+    file: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.file.parent / self.tag
+
+    @property
+    def step(self) -> int | None:
+        return step_of(self.tag)
+
+    @property
+    def complete(self) -> bool:
+        return self.step is not None and (self.path / META).is_file()
+
+
+def find_latest(run_dir: Path) -> Latest | None:
+    """The checkpoint `latest` names, or None when the run has saved none yet."""
+    file = checkpoint_root(run_dir) / LATEST
+    if not file.is_file():
         return None
-    tag = latest.read_text().strip()
-    path = checkpoint_root(run_dir) / tag
-    if not (path / META).is_file():
-        raise UserError(f"{latest} names {tag}, which is not a complete checkpoint; pass checkpoint.resume=PATH")
-    return path
+    return Latest(file, file.read_text(encoding="utf-8", errors="replace").strip())
+
+
+def write_latest(run_dir: Path, step: int) -> None:
+    """Point `latest` at step `step`'s checkpoint, atomically: a reader sees the old name or the new one."""
+    atomic_write(checkpoint_root(run_dir) / LATEST, tag_for(step))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -126,7 +162,7 @@ def save(
         if tok.is_file():
             shutil.copyfile(tok, path / "tokenizer.json")
         atomic_write(path / META, json.dumps({**asdict(state), "world_size": world_size, **meta}, indent=1))
-        atomic_write(root / "latest", tag)
+        write_latest(run_dir, state.step)
         _prune(run_dir, cfg.checkpoint.keep)
     dist.barrier()
     return path
@@ -196,7 +232,12 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
             )
         return None
     if mode == "auto":
-        return latest_checkpoint(run_dir)
+        latest = find_latest(run_dir)
+        if latest is not None and not latest.complete:
+            raise UserError(
+                f"{latest.file} names {latest.tag!r}, which is not a complete checkpoint; pass checkpoint.resume=PATH"
+            )
+        return None if latest is None else latest.path
     path = Path(mode)
     if not path.is_dir():
         raise UserError(f"checkpoint.resume={mode}: no such checkpoint directory")
@@ -204,10 +245,13 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def choose_loadable(path: Path, cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Verify `path`; with checkpoint.fallback, walk back to the newest older checkpoint that verifies."""
+    """Verify `path`; with checkpoint.fallback, walk back to the newest older checkpoint that verifies.
+    "Older" compares step numbers: as text, step_1000000 would sort before step_999999. A path whose name
+    is not a step (checkpoint.resume=PATH) has no older checkpoints to fall back to."""
     candidates = [path]
-    if cfg.checkpoint.fallback:
-        older = [p for p in list_checkpoints(run_dir) if p.name < path.name]
+    step = step_of(path.name)
+    if cfg.checkpoint.fallback and step is not None:
+        older = [p for p in list_checkpoints(run_dir) if (step_of(p.name) or 0) < step]
         candidates += list(reversed(older))
     error: UserError | None = None
     for candidate in candidates:
@@ -225,6 +269,60 @@ def choose_loadable(path: Path, cfg: Config, run_dir: Path) -> tuple[Path, dict[
             error = error or exc
     assert error is not None
     raise error
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A verified checkpoint to resume from, and how to load it."""
+
+    path: Path
+    saved_world_size: int
+    universal: bool  # written by another world size: load DeepSpeed's world-size-free conversion of it
+
+    def load_dir(self, run_dir: Path) -> Path:
+        return checkpoint_root(run_dir) / ".universal" / self.path.name if self.universal else self.path
+
+
+def plan_resume(cfg: Config, run_dir: Path, *, world_size: int, meta: dict[str, Any]) -> Resume | None:
+    """The checkpoint this run continues from (None: a fresh start), checked against this run's model,
+    tokenizer and data (`meta` holds their hashes) before any model is built."""
+    path = resume_point(cfg, run_dir)
+    if path is None:
+        return None
+    path, saved = choose_loadable(path, cfg, run_dir)
+    check_compatible(path, cfg, saved, meta["tokenizer_hash"], meta["manifest_hash"])
+    saved_world = int(saved["world_size"])
+    return Resume(path, saved_world, universal=saved_world != world_size)
+
+
+class Checkpointer:
+    """Saves every checkpoint.every steps and at the last step; every rank calls `save`."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, *, config_yaml: str, meta: dict[str, Any], rank: int, world_size: int
+    ) -> None:
+        self.cfg, self.run_dir, self.config_yaml, self.meta = cfg, run_dir, config_yaml, meta
+        self.rank, self.world_size = rank, world_size
+        self.cadence = Cadence(cfg.checkpoint.every, at_end=True)
+
+    def should_save(self, step: int, *, last: bool) -> bool:
+        return self.cadence.due(step, last=last)
+
+    def save(self, engine: Any, state: TrainState) -> Path:
+        return save(
+            engine,
+            state,
+            cfg=self.cfg,
+            config_yaml=self.config_yaml,
+            run_dir=self.run_dir,
+            world_size=self.world_size,
+            rank=self.rank,
+            meta=self.meta,
+        )
+
+    def load(self, engine: Any, resume: Resume) -> TrainState:
+        path = resume.load_dir(self.run_dir)
+        return load(engine, path, universal=resume.universal, rank=self.rank, world_size=self.world_size)
 
 
 def to_universal(path: Path, run_dir: Path) -> Path:

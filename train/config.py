@@ -1,9 +1,10 @@
 """The run configuration: typed dataclasses loaded through omegaconf's structured mode.
 
 A run YAML may name presets under `defaults:` (``model: gpt3-small``, ``data: builtin``); they are
-looked up as configs/<section>/<name>.yaml next to the run file and merged first, then the run file,
-then command-line ``key=value`` overrides. An unknown key, a wrong type or an inconsistent value
-fails at load time with ``<key> in <file>: <what is wrong>``.
+looked up as configs/<section>/<name>.yaml next to the run file (or above it, or among the presets
+shipped in the package) and merged first, then the run file, then command-line ``key=value``
+overrides. An unknown key, a wrong type or an inconsistent value fails at load time with
+``<key> in <file>: <what is wrong>``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class SourceConfig:
     """Size in MB of a generated built-in corpus."""
     text_field: str = "text"
     """Field holding the text in JSONL, Parquet and Hugging Face sources."""
+    download: list[str] = field(default_factory=list)
+    """URLs of the files `path` names, each optionally ending in #sha256=<hex>: downloaded and cached by
+    `datasets`, or read as `path` under $SCALEGPT_DATA_ROOT when that is set; either way checked."""
 
 
 @dataclass
@@ -61,8 +65,8 @@ class DataConfig:
     dir: str = "prepared/default"
     """Where `scalegpt prepare` writes token files and manifest.json."""
     tokenizer: str = "bpe"
-    """'bpe' trains a byte-level BPE of model.vocab_size tokens; else a tokenizer.json, or a folder with
-    tokenizer.json or GPT-2's vocab.json + merges.txt."""
+    """'bpe' trains a byte-level BPE of model.vocab_size tokens; 'gpt2' is GPT-2's, shipped in the package;
+    else a tokenizer.json, or a folder with tokenizer.json or GPT-2's vocab.json + merges.txt."""
     tokenizer_sample_mb: float = 8.0
     """How much of the mixture to train the BPE on."""
     val_fraction: float = 0.01
@@ -96,7 +100,11 @@ class TrainConfig:
     contiguous_gradients: bool = True
     """ZeRO-2: copy gradients into one buffer as they are produced, avoiding fragmentation."""
     cpu_offload: bool = False
-    """ZeRO-Offload: keep the optimizer on the CPU, stepped by DeepSpeed's CPU Adam."""
+    """ZeRO-Offload: keep the optimizer on the CPU, stepped by DeepSpeed's CPU Adam (compiled at start-up:
+    needs a C++ compiler and ninja)."""
+    dist_timeout_minutes: float = 60.0
+    """How long a collective (or a barrier) may wait before the job fails; rank 0 alone converting or
+    writing a big checkpoint keeps the others waiting."""
 
 
 @dataclass
@@ -194,6 +202,7 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
     positive("train.max_steps", t.max_steps)
     positive("train.micro_batch", t.micro_batch)
     positive("train.global_batch", t.global_batch, strict=False)
+    positive("train.dist_timeout_minutes", t.dist_timeout_minutes)
     if t.global_batch and t.micro_batch > 0 and t.global_batch % t.micro_batch:
         out.append(("train.global_batch", f"{t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"))
     if t.precision not in ("bf16", "fp16", "fp32"):
@@ -241,7 +250,29 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The presets shipped inside the package (package data of `scalegpt`; in a checkout, the repository's
+configs/), so that an installed `scalegpt` finds them from any directory."""
+
+
+def find_config(spec: str | Path) -> Path:
+    """A run config: a YAML file, else a packaged preset by name (``smoke``, ``gpt3-small``) or by its
+    path in the repository (``configs/smoke.yaml``). A file of that path in the current directory wins."""
+    path = Path(spec)
+    if path.is_file() or path.is_absolute():
+        return path
+    candidates = [PACKAGED_CONFIGS / path, PACKAGED_CONFIGS / f"{spec}.yaml"]
+    if path.parts and path.parts[0] == "configs":
+        candidates.append(PACKAGED_CONFIGS.parent / path)
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        names = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+        raise UserError(f"config file {spec} does not exist; pass a YAML file or a packaged preset: {names}")
+    return found
+
+
 def _find_preset(section: str, name: str, near: Path) -> Path:
+    """configs/<section>/<name>.yaml beside the run file or in a folder above it, else the packaged one."""
     for base in (near, *near.parents):
         candidate = base / section / f"{name}.yaml"
         if candidate.is_file():
@@ -249,7 +280,14 @@ def _find_preset(section: str, name: str, near: Path) -> Path:
         candidate = base / "configs" / section / f"{name}.yaml"
         if candidate.is_file():
             return candidate
-    raise UserError(f"defaults.{section} in {near}: no preset configs/{section}/{name}.yaml found")
+    packaged = PACKAGED_CONFIGS / section / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in (PACKAGED_CONFIGS / section).glob("*.yaml")))
+    raise UserError(
+        f"defaults.{section} in {near}: no preset {section}/{name}.yaml beside the run file, above it or "
+        f"packaged; packaged {section} presets: {known}"
+    )
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -298,7 +336,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     Overrides are applied one by one with OmegaConf.update, so list items can be addressed by index
     (``data.sources.0.weight=2``), which a merged dot-list cannot do."""
-    path = Path(path)
+    path = find_config(path)
     layers = _layers(path)
     merged = OmegaConf.structured(Config)
     for origin, layer in layers:

@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 from ..model import GPT
 from ..model.hf import hf_config, to_hf_state_dict
 from .config import Config, to_yaml
+from .data.tokenizer import EOT
 from .errors import UserError
 from .inference import load_for_inference
-
-EOT = "<|endoftext|>"
 
 
 def _eot_id(tokenizer_json: dict) -> int:

@@ -33,7 +33,9 @@ from torch import Tensor
 from ..model.config import ModelConfig
 from ..model.gpt import GPT
 from ..model.hf import from_hf_state_dict
+from .checkpoint import LATEST, META, checkpoint_root, find_latest
 from .config import Config, from_yaml_text
+from .engine import pick_device  # the one owner of device choice; sample and eval import it from here
 from .errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -61,17 +63,20 @@ class ResolvedPath:
 
 
 def _is_checkpoint(d: Path) -> bool:
-    return (d / MODEL_STATES).is_file() or (d / "scalegpt.json").is_file() or any(d.glob("*_optim_states.pt"))
+    return (d / MODEL_STATES).is_file() or (d / META).is_file() or any(d.glob("*_optim_states.pt"))
 
 
-def _latest_checkpoint(checkpoints: Path) -> Path:
-    latest = checkpoints / "latest"
-    if not latest.is_file():
-        raise UserError(f"{checkpoints.parent} has no checkpoint yet ({latest} is missing); train it first")
-    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
-    if not tag or "/" in tag or not (checkpoints / tag).is_dir():
-        raise UserError(f"{latest} names checkpoint {tag!r}, which is not a directory in {checkpoints}")
-    return checkpoints / tag
+def _latest_checkpoint(run_dir: Path) -> Path:
+    latest = find_latest(run_dir)
+    if latest is None:
+        raise UserError(
+            f"{run_dir} has no checkpoint yet ({checkpoint_root(run_dir) / LATEST} is missing); train it first"
+        )
+    if not latest.complete:
+        raise UserError(
+            f"{latest.file} names checkpoint {latest.tag!r}, which is not a complete checkpoint in {latest.file.parent}"
+        )
+    return latest.path
 
 
 def _first_file(name: str, *dirs: Path | None) -> Path | None:
@@ -93,11 +98,11 @@ def resolve(path: str | Path) -> ResolvedPath:
         kind, weights, run_dir = "export", p, None
     elif _is_checkpoint(p):
         kind, weights = "checkpoint", p
-        run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
-    elif (p / "checkpoints").is_dir():
-        kind, weights, run_dir = "run", _latest_checkpoint(p / "checkpoints"), p
-    elif (p / "latest").is_file():  # RUN/checkpoints itself
-        kind, weights, run_dir = "run", _latest_checkpoint(p), p.parent
+        run_dir = p.parent.parent if checkpoint_root(p.parent.parent) == p.parent else None
+    elif checkpoint_root(p).is_dir():
+        kind, weights, run_dir = "run", _latest_checkpoint(p), p
+    elif checkpoint_root(p.parent) == p and (p / LATEST).is_file():  # RUN/checkpoints itself
+        kind, weights, run_dir = "run", _latest_checkpoint(p.parent), p.parent
     else:
         raise UserError(f"{p} is not a run, checkpoint or export directory; {_WHAT_TO_PASS}")
     if kind != "export" and not _is_checkpoint(weights):
@@ -209,19 +214,6 @@ def read_tokenizer(resolved: ResolvedPath) -> Tokenizer:
         return Tokenizer.from_file(str(f))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise UserError(f"{f} is not a valid tokenizers JSON file ({exc})") from exc
-
-
-def pick_device(device: str) -> torch.device:
-    """'auto' -> cuda when present, else cpu; an unknown or absent device is a UserError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
-    return dev
 
 
 def load_for_inference(

@@ -7,24 +7,34 @@ import json
 import math
 import shutil
 import signal
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from ..model import build_model
-from ..model.flops import flops_per_token, mfu, peak_flops_for
+from ..model.flops import peak_flops_for
 from . import checkpoint as ckpt
 from .config import Config, from_yaml_text, load_config, to_yaml
-from .engine import DistEnv, build_engine, deepspeed_config, global_batch, init_distributed, resolve_device
+from .engine import (
+    DistEnv,
+    build_engine,
+    compiled_ops_note,
+    deepspeed_config,
+    dist_kwargs,
+    global_batch,
+    init_distributed,
+    resolve_device,
+)
 from .errors import SharedUserError, UserError
-from .evaluation.report import epochs_elapsed
-from .metrics import MetricsLog, print0, stderr_is_tty
+from .metrics import Console, MetricsLog, StepLog, TrainingDiverged
 from .osutil import atomic_write
-from .schedule import Schedule
+from .schedule import Cadence, Schedule
+
+if TYPE_CHECKING:
+    from .data.mixture import Mixture
 
 # Keys that may change between a run directory's first start and a resume; anything else differing
 # means a different experiment, which belongs in a different run directory.
@@ -36,6 +46,7 @@ RESUMABLE_CHANGES = (
     "train.activation_checkpointing",
     "train.overlap_comm",
     "train.contiguous_gradients",
+    "train.dist_timeout_minutes",
     "data.num_proc",
     "run.name",
     "checkpoint.",
@@ -49,10 +60,6 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class TrainingDiverged(Exception):
-    """Loss became NaN or infinite."""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,20 +96,72 @@ def engine_step(engine: Any, data: torch.Tensor, micro_batch: int, lr: float) ->
     total = torch.zeros((), device=data.device)
     chunks = data.split(micro_batch)
     for chunk in chunks:
-        _, loss = engine(chunk[:, :-1], chunk[:, 1:])
+        loss = engine(chunk[:, :-1], chunk[:, 1:])[1]  # with targets the model returns no logits
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
     return total / len(chunks)
 
 
+class Validator:
+    """Validation loss and bits per byte per source and for the mixture (weighted by the mixture's
+    weights), plus the optional few-shot probe; due every eval.every steps and at the last step."""
+
+    def __init__(self, cfg: Config, env: DistEnv, mixture: Mixture, run_dir: Path) -> None:
+        self.cfg, self.env, self.mixture = cfg, env, mixture
+        self.cadence = Cadence(cfg.eval.every, at_end=bool(cfg.eval.every))
+        self.probe = None
+        if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
+            from .evaluation.probe import FewshotProbe
+
+            self.probe = FewshotProbe.for_run(run_dir, cfg.model.n_ctx)
+
+    def should_evaluate(self, step: int, *, last: bool) -> bool:
+        return self.cadence.due(step, last=last)
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any) -> dict[str, float]:
+        """Batches are sharded over ranks; the per-source sums stay on the device until one all-reduce and
+        one read at the end."""
+        engine.eval()
+        names = self.mixture.names
+        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.env.device)  # (source, [loss x n, n])
+        for i, name in enumerate(names):
+            batches = self.mixture.val_batches(name, self.cfg.train.micro_batch, self.cfg.eval.batches)
+            for j, data in enumerate(batches):
+                if j % self.env.world_size != self.env.rank:
+                    continue
+                data = data.to(self.env.device)
+                _, loss = engine.module(data[:, :-1], data[:, 1:])
+                n = data[:, 1:].numel()
+                sums[i, 0] += loss.detach().double() * n
+                sums[i, 1] += n
+        dist.all_reduce(sums)
+        out: dict[str, float] = {}
+        mix_loss = mix_bpb = 0.0
+        for i, (name, (total, count)) in enumerate(zip(names, sums.tolist(), strict=True)):
+            if count == 0:
+                continue
+            loss = total / count
+            bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
+            out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
+            mix_loss += float(self.mixture.weights[i]) * loss
+            mix_bpb += float(self.mixture.weights[i]) * bpb
+        out["val_loss"], out["val_bpb"] = mix_loss, mix_bpb
+        if self.probe is not None:
+            out.update(self.probe(engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
+        return out
+
+
 class Trainer:
-    """Owns the engine, the data and the run directory; `fit` runs the loop."""
+    """Owns the engine, the data and the run directory; `fit` runs the loop, and the components it holds
+    (validator, checkpointer, step log) each decide when they are due."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         from .data.mixture import Mixture
 
         self.cfg, self.env = cfg, env
+        self.console = Console(env.is_main)
         self.run_dir = Path(cfg.run.dir)
         self.state = ckpt.TrainState()
         self.batch = global_batch(cfg, env.world_size)
@@ -117,48 +176,31 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
         self._prepare_run_dir()
-
-        resume = ckpt.resume_point(cfg, self.run_dir)
-        universal = False
-        if resume is not None:
-            resume, saved = ckpt.choose_loadable(resume, cfg, self.run_dir)
-            ckpt.check_compatible(resume, cfg, saved, self.meta["tokenizer_hash"], self.meta["manifest_hash"])
-            if int(saved["world_size"]) != env.world_size:
-                universal = True
-                if env.is_main:
-                    print0(
-                        f"resuming on {env.world_size} process(es) from a checkpoint written by "
-                        f"{saved['world_size']}: converting it to DeepSpeed's universal format"
-                    )
-                    ckpt.to_universal(resume, self.run_dir)
-                dist.barrier()
+        self.checkpointer = ckpt.Checkpointer(
+            cfg, self.run_dir, config_yaml=self.config_yaml, meta=self.meta, rank=env.rank, world_size=env.world_size
+        )
+        resume = self._plan_resume()
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
-        self.engine = build_engine(cfg, model, env, load_universal=universal)
+        self.engine = build_engine(cfg, model, env, load_universal=resume is not None and resume.universal)
         if resume is not None:
-            load_from = self.run_dir / "checkpoints" / ".universal" / resume.name if universal else resume
-            self.state = ckpt.load(
-                self.engine, load_from, universal=universal, rank=env.rank, world_size=env.world_size
-            )
-            print0(
-                f"resumed from {resume} at step {self.state.step} (sample {self.state.samples})",
-                is_main=env.is_main,
-            )
-        self.metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
-        self.probe = None
-        if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
-            from .evaluation.probe import FewshotProbe
-
-            self.probe = FewshotProbe.for_run(self.run_dir, cfg.model.n_ctx)
-        self.flops_per_token = flops_per_token(cfg.model)
+            self._resume(resume)
+        metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
+        self.validator = Validator(cfg, env, self.mixture, self.run_dir)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
-        self.peak_flops = peak_flops_for(name, cfg.train.precision)
+        self.log = StepLog(
+            cfg,
+            world_size=env.world_size,
+            console=self.console,
+            metrics=metrics,
+            mixture=self.mixture,
+            peak_flops=peak_flops_for(name, cfg.train.precision),
+        )
         self._stop_signal = 0
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._prefetched: tuple[tuple[int, int], Future[torch.Tensor]] | None = None
-        self._pending: list[tuple[int, int, float, torch.Tensor, Any, float]] = []
 
-    # -- run directory --------------------------------------------------------------------------
+    # -- run directory and resume ---------------------------------------------------------------
     def _manifest_hash(self) -> str:
         import hashlib
 
@@ -191,6 +233,24 @@ class Trainer:
         atomic_write(existing, self.config_yaml)
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
 
+    def _plan_resume(self) -> ckpt.Resume | None:
+        """The checkpoint to continue from, verified before the model is built. Another world size needs
+        DeepSpeed's universal format, which rank 0 writes while the others wait."""
+        resume = ckpt.plan_resume(self.cfg, self.run_dir, world_size=self.env.world_size, meta=self.meta)
+        if resume is not None and resume.universal:
+            self.console.print(
+                f"resuming on {self.env.world_size} process(es) from a checkpoint written by "
+                f"{resume.saved_world_size}: converting it to DeepSpeed's universal format"
+            )
+            if self.env.is_main:
+                ckpt.to_universal(resume.path, self.run_dir)
+            dist.barrier()
+        return resume
+
+    def _resume(self, resume: ckpt.Resume) -> None:
+        self.state = self.checkpointer.load(self.engine, resume)
+        self.console.print(f"resumed from {resume.path} at step {self.state.step} (sample {self.state.samples})")
+
     # -- the step -----------------------------------------------------------------------------
     def _rank_indices(self, samples: int, batch: int) -> list[int]:
         """This rank's sample indices for the step starting at global sample `samples`. Row (m*W + r)*micro + i
@@ -216,9 +276,9 @@ class Trainer:
         self._prefetched = ((after, next_batch), self._loader.submit(self._load_batch, after, next_batch))
         return data.to(self.env.device, non_blocking=True)
 
-    def train_step(self) -> tuple[torch.Tensor, float, int]:
-        """One optimizer step (all its accumulation micro steps). Returns the rank's mean loss as a
-        tensor (no host sync), the lr and the number of sequences in the global batch."""
+    def train_step(self) -> None:
+        """One optimizer step (all its accumulation micro steps). Its loss and grad norm join the step log
+        as device tensors: nothing here waits for the device."""
         batch = self.schedule.batch_size(self.state.tokens)
         if batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(batch)  # batch ramp: more accumulation, same micro batch
@@ -227,175 +287,48 @@ class Trainer:
         self.state.step += 1
         self.state.samples += batch
         self.state.tokens += batch * self.cfg.model.n_ctx
-        return loss, lr, batch
+        grad_norm = self.engine.get_global_grad_norm()
+        self.log.record(step=self.state.step, tokens=self.state.tokens, lr=lr, loss=loss, grad_norm=grad_norm)
 
-    # -- evaluation ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss and bits per byte per source and for the mixture (weighted by the mixture's
-        weights). Batches are sharded over ranks and the sums all-reduced."""
-        self.engine.eval()
-        out: dict[str, float] = {}
-        mix_loss = mix_bpb = 0.0
-        for i, name in enumerate(self.mixture.names):
-            sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-            batches = self.mixture.val_batches(name, self.cfg.train.micro_batch, self.cfg.eval.batches)
-            for j, data in enumerate(batches):
-                if j % self.env.world_size != self.env.rank:
-                    continue
-                data = data.to(self.env.device)
-                _, loss = self.engine.module(data[:, :-1], data[:, 1:])
-                n = data[:, 1:].numel()
-                sums[0] += loss.detach().double() * n  # stays on the device: one sync per source, below
-                sums[1] += n
-            dist.all_reduce(sums)
-            total, count = sums.tolist()
-            if count == 0:
-                continue
-            loss = total / count
-            bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
-            out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
-            mix_loss += float(self.mixture.weights[i]) * loss
-            mix_bpb += float(self.mixture.weights[i]) * bpb
-        out["val_loss"], out["val_bpb"] = mix_loss, mix_bpb
-        if self.probe is not None:
-            out.update(self.probe(self.engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
-        return out
-
-    # -- logging --------------------------------------------------------------------------------------
-    def _flush(self, extra: dict[int, dict[str, Any]] | None = None) -> None:
-        """Sync pending step losses once (one all-reduce), check they are finite, write metrics."""
-        if not self._pending:
-            return
-        losses = torch.stack([p[3] for p in self._pending])
-        dist.all_reduce(losses)
-        losses = (losses / self.env.world_size).tolist()
-        for (step, tokens, lr, _, gnorm, elapsed), loss in zip(self._pending, losses, strict=True):
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at step {step}")
-            if self.metrics is None:
-                continue
-            record: dict[str, Any] = {
-                "step": step,
-                "tokens": tokens,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": None if gnorm is None else float(gnorm),
-                "tokens_per_sec": self._tps,
-                "mfu": self._mfu,
-                "world_size": self.env.world_size,
-                "elapsed_s": round(elapsed, 3),
-            }
-            record.update((extra or {}).get(step, {}))
-            record.update(epochs_elapsed(self.mixture, tokens))
-            self.metrics.write(record)
-        self._last_loss = losses[-1]
-        self._pending.clear()
-
-    def _baseline_eval(self) -> None:
-        """Validation before the first step, so every curve starts from the untrained model."""
-        result = self.evaluate()
-        if self.metrics is not None:
-            record = dict.fromkeys(("loss", "lr", "grad_norm", "tokens_per_sec", "mfu"))
-            self.metrics.write(
-                {"step": 0, "tokens": 0, **record, "world_size": self.env.world_size, "elapsed_s": 0.0, **result}
-            )
-        print0(
-            f"step 0/{self.cfg.train.max_steps} | val_loss {result['val_loss']:.4f} val_bpb {result['val_bpb']:.3f}",
-            is_main=self.env.is_main,
-        )
-
+    # -- the loop ---------------------------------------------------------------------------------
     def _signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor([self._stop_signal], device=self.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item())
-
-    def save(self) -> Path:
-        return ckpt.save(
-            self.engine,
-            self.state,
-            cfg=self.cfg,
-            config_yaml=self.config_yaml,
-            run_dir=self.run_dir,
-            world_size=self.env.world_size,
-            rank=self.env.rank,
-            meta=self.meta,
+    def _banner(self) -> str:
+        cfg, env = self.cfg, self.env
+        return (
+            f"training {cfg.run.dir}: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters, "
+            f"{env.world_size} process(es) on {env.device.type}, ZeRO-{cfg.train.zero_stage}, "
+            f"{cfg.train.precision}, global batch {self.batch} x {cfg.model.n_ctx} tokens"
         )
 
     def fit(self) -> int:
-        cfg, env = self.cfg, self.env
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._signal)
-        if self.state.step >= cfg.train.max_steps:
-            print0(
-                f"already at step {self.state.step} >= train.max_steps={cfg.train.max_steps}; nothing to do",
-                is_main=env.is_main,
-            )
-            return 0
-        print0(
-            f"training {cfg.run.dir}: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters, "
-            f"{env.world_size} process(es) on {env.device.type}, ZeRO-{cfg.train.zero_stage}, "
-            f"{cfg.train.precision}, global batch {self.batch} x {cfg.model.n_ctx} tokens",
-            is_main=env.is_main,
-        )
-        bar = None
-        if env.is_main and cfg.log.progress and stderr_is_tty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
-        self._tps: float | None = None
-        self._mfu: float | None = None
-        self._last_loss = float("nan")
-        if self.state.step == 0 and cfg.eval.every:
-            self._baseline_eval()
-        t0 = time.perf_counter()
-        window_t, window_tokens = t0, 0
-        stopped_by = 0
+        max_steps = self.cfg.train.max_steps
         try:
-            while self.state.step < cfg.train.max_steps:
-                loss, lr, batch = self.train_step()
-                window_tokens += batch * cfg.model.n_ctx
-                gnorm = self.engine.get_global_grad_norm()
-                self._pending.append((self.state.step, self.state.tokens, lr, loss, gnorm, time.perf_counter() - t0))
-                step = self.state.step
-                last = step >= cfg.train.max_steps
-                evaluate = cfg.eval.every and (step % cfg.eval.every == 0 or last)
-                saving = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
-                if step % cfg.log.every == 0 or evaluate or saving or last:
-                    if env.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    self._tps = window_tokens / max(now - window_t, 1e-9)
-                    self._mfu = mfu(self._tps, cfg.model, self.peak_flops * env.world_size) if self.peak_flops else None
-                    window_t, window_tokens = now, 0
-                    extra = {step: self.evaluate()} if evaluate else None
-                    self._flush(extra)
-                    if env.is_main:
-                        line = (
-                            f"step {step}/{cfg.train.max_steps} loss {self._last_loss:.4f} lr {lr:.2e} "
-                            f"{self._tps:,.0f} tok/s"
-                        )
-                        if extra:
-                            line += f" | val_loss {extra[step]['val_loss']:.4f} val_bpb {extra[step]['val_bpb']:.3f}"
-                        if bar is not None:
-                            bar.set_postfix_str(f"loss {self._last_loss:.3f} lr {lr:.1e} {self._tps:,.0f} tok/s")
-                            bar.write(line)
-                        else:
-                            print0(line)
-                    stopped_by = 0 if last else int(self._should_stop())
-                if bar is not None:
-                    bar.update(1)
-                if saving or stopped_by:
-                    path = self.save()
-                    print0(f"saved {path}", is_main=env.is_main)
-                if stopped_by:
-                    print0(
-                        f"received a stop signal: saved step {self.state.step} to {path} and stopped; "
-                        "run the same command again to resume",
-                        is_main=env.is_main,
+            if self.state.step >= max_steps:
+                self.console.print(f"already at step {self.state.step} >= train.max_steps={max_steps}; nothing to do")
+                return 0
+            self._start()
+            while self.state.step < max_steps:
+                self.train_step()
+                step, last = self.state.step, self.state.step >= max_steps
+                evaluate = self.validator.should_evaluate(step, last=last)
+                save = self.checkpointer.should_save(step, last=last)
+                stop = False
+                # Saves and evaluations also read the step log: a diverged run is never saved, and an
+                # evaluation's figures join its step's record. A stop signal is seen here too, so a stop
+                # waits at most log.every steps.
+                if self.log.should_log(step, last=last) or evaluate or save:
+                    stop = self.log.sync(self._stop_signal) and not last  # this step's one host sync
+                    self.log.report(self.validator.evaluate(self.engine) if evaluate else None)
+                self.console.advance()
+                if save or stop:
+                    path = self.checkpointer.save(self.engine, self.state)
+                    self.console.print(f"saved {path}")
+                if stop:
+                    self.console.print(
+                        f"received a stop signal: saved step {step} to {path} and stopped; "
+                        "run the same command again to resume"
                     )
                     break
         except TrainingDiverged as exc:
@@ -404,20 +337,41 @@ class Trainer:
                 "Lower optim.lr, raise schedule.warmup_tokens, or use train.precision=fp32"
             ) from exc
         finally:
-            if bar is not None:
-                bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            self._loader.shutdown(wait=True, cancel_futures=True)
+            self.close()
         return 0
+
+    def _start(self) -> None:
+        """Catch stop signals, say what runs, and validate the untrained model once, at step 0."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._signal)
+        self.console.print(self._banner())
+        if self.cfg.log.progress:
+            self.console.show_progress(total=self.cfg.train.max_steps, initial=self.state.step)
+        if self.state.step == 0 and self.cfg.eval.every:
+            self.log.baseline(self.validator.evaluate(self.engine))
+        self.log.start(tokens=self.state.tokens)
+
+    def close(self) -> None:
+        self.console.close()
+        self.log.close()
+        self._loader.shutdown(wait=True, cancel_futures=True)
 
 
 def dry_run(cfg: Config) -> int:
+    """Print the resolved config and the exact DeepSpeed JSON on stdout, and on stderr what the process
+    group gets and what would be compiled. Needs no GPU even for train.device=cuda: a dry run describes
+    the job, it does not start one."""
     import os
+    import sys
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg, present=False)
     print(to_yaml(cfg))
-    print(json.dumps(deepspeed_config(cfg, world_size=world, device=resolve_device(cfg)), indent=2))
+    print(json.dumps(deepspeed_config(cfg, world_size=world, device=device), indent=2))
+    d = dist_kwargs(cfg, device)
+    minutes = d["timeout"].total_seconds() / 60
+    print(f"scalegpt: init_distributed: {d['dist_backend']}, collective time-out {minutes:g} min", file=sys.stderr)
+    print(f"scalegpt: compiled at start-up: {compiled_ops_note(cfg) or 'nothing'}", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Learning-rate and batch-size schedules, expressed in tokens so that they scale with the run
-(GPT-3 Appendix B): linear warmup, cosine decay to a floor, and a linear batch-size ramp."""
+(GPT-3 Appendix B): linear warmup, cosine decay to a floor, and a linear batch-size ramp; and the step
+cadence of evaluation, checkpoints and logging."""
 
 from __future__ import annotations
 
@@ -57,5 +58,14 @@ class Schedule:
         steps = max(1, int(seqs // self.batch_quantum))
         return min(self.full_batch, steps * self.batch_quantum)
 
-    def accumulation(self, tokens: int) -> int:
-        return self.batch_size(tokens) // self.batch_quantum
+
+@dataclass(frozen=True)
+class Cadence:
+    """When something periodic is due: every `every` steps (never on a schedule when 0), and at the last
+    step when `at_end`. Evaluation, checkpoints and log lines each keep one, so the loop only asks."""
+
+    every: int
+    at_end: bool
+
+    def due(self, step: int, *, last: bool) -> bool:
+        return bool(self.every and step % self.every == 0) or (last and self.at_end)

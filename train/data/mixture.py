@@ -157,29 +157,11 @@ class Mixture:
         tokenizer_hash: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        manifest = read_manifest(self.data_dir)
-        if manifest is None:
-            raise UserError(f"no {MANIFEST} in {self.data_dir}; run `scalegpt prepare CONFIG` first")
-        check_tokenizer_file(self.data_dir, manifest)
-        self.manifest: dict[str, Any] = manifest
-        self.tokenizer_hash: str = manifest["tokenizer_hash"]
-        if tokenizer_hash is not None and tokenizer_hash != self.tokenizer_hash:
-            raise UserError(
-                f"the data in {self.data_dir} were made by a different tokenizer (sha256 "
-                f"{self.tokenizer_hash[:12]}) than expected (sha256 {tokenizer_hash[:12]}); prepare the data "
-                f"with the run's tokenizer, or start a new run"
-            )
+        self.manifest: dict[str, Any] = self._read(tokenizer_hash)
+        self.tokenizer_hash: str = self.manifest["tokenizer_hash"]
         if n_ctx < 1:
             raise UserError(f"n_ctx must be positive, got {n_ctx}")
-        entries = manifest["sources"]
-        if not entries:
-            raise UserError(f"{self.data_dir / MANIFEST} lists no sources; run scalegpt prepare")
-        for e in entries:
-            if e["tokenizer_hash"] != self.tokenizer_hash:
-                raise UserError(
-                    f"source {e['name']!r} in {self.data_dir} was tokenized by another tokenizer than "
-                    f"tokenizer.json (an interrupted prepare?); re-run scalegpt prepare"
-                )
+        entries = self.manifest["sources"]
         self.names: list[str] = [e["name"] for e in entries]
         self.n_ctx, self.seed = int(n_ctx), int(seed)
         self._entries = {e["name"]: e for e in entries}
@@ -189,29 +171,60 @@ class Mixture:
         raw = np.array([self.raw_weights[n] for n in self.names], dtype=np.float64)
         self.weights: np.ndarray = raw / raw.sum()
         self._wq = self._quantize(self.weights)
-        self.block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self._wq.min())))  # every source >= 2 per block
-        if self.block > _BLOCK_MAX:
+        self.block = self._block_size()
+        self._tokens = self._open_tokens()
+        self._train = np.array([e["train"]["tokens"] for e in entries], dtype=np.int64)
+        self.windows = self._windows()
+        """Windows of n_ctx+1 tokens per epoch of each source's train split."""
+        seed_key = _key(self.seed & _M64, 0x5EED)
+        self._block_seed = _key(seed_key, 0xB10C)
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._source_keys = np.array([int(_key(seed_key, _name_key(n))[0]) for n in self.names], dtype=np.uint64)
+
+    def _read(self, tokenizer_hash: str | None) -> dict[str, Any]:
+        """The manifest, checked: its tokenizer (and the expected one, if given) made every source."""
+        manifest = read_manifest(self.data_dir)
+        if manifest is None:
+            raise UserError(f"no {MANIFEST} in {self.data_dir}; run `scalegpt prepare CONFIG` first")
+        check_tokenizer_file(self.data_dir, manifest)
+        found = manifest["tokenizer_hash"]
+        if tokenizer_hash is not None and tokenizer_hash != found:
+            raise UserError(
+                f"the data in {self.data_dir} were made by a different tokenizer (sha256 "
+                f"{found[:12]}) than expected (sha256 {tokenizer_hash[:12]}); prepare the data "
+                f"with the run's tokenizer, or start a new run"
+            )
+        if not manifest["sources"]:
+            raise UserError(f"{self.data_dir / MANIFEST} lists no sources; run scalegpt prepare")
+        for e in manifest["sources"]:
+            if e["tokenizer_hash"] != found:
+                raise UserError(
+                    f"source {e['name']!r} in {self.data_dir} was tokenized by another tokenizer than "
+                    f"tokenizer.json (an interrupted prepare?); re-run scalegpt prepare"
+                )
+        return manifest
+
+    def _block_size(self) -> int:
+        """Samples per stratification block: enough that every source gets at least 2 in each."""
+        block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self._wq.min())))
+        if block > _BLOCK_MAX:
             small = self.names[int(np.argmin(self.weights))]
             raise UserError(
                 f"the weight of source {small!r} is under {2 / _BLOCK_MAX:.1g} of the total, too small to "
                 f"stratify; raise it or drop the source"
             )
+        return block
 
-        self._tokens = self._open_tokens()
-        self._train = np.array([e["train"]["tokens"] for e in entries], dtype=np.int64)
-        self.windows = (self._train - 1) // self.n_ctx
-        """Windows of n_ctx+1 tokens per epoch of each source's train split."""
+    def _windows(self) -> np.ndarray:
+        windows = (self._train - 1) // self.n_ctx
         for i, name in enumerate(self.names):
-            if self.windows[i] < 1:
+            if windows[i] < 1:
                 raise UserError(
                     f"source {name!r} has {self._train[i]} training tokens, fewer than one window of "
                     f"n_ctx+1={self.n_ctx + 1}; add data to it, lower data.val_fraction, or use a smaller "
                     f"model.n_ctx"
                 )
-        seed_key = _key(self.seed & _M64, 0x5EED)
-        self._block_seed = _key(seed_key, 0xB10C)
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._source_keys = np.array([int(_key(seed_key, _name_key(n))[0]) for n in self.names], dtype=np.uint64)
+        return windows
 
     def _open_tokens(self) -> list[np.ndarray]:
         dtype = np.dtype(self.manifest["dtype"])
@@ -223,17 +236,6 @@ class Mixture:
                 raise UserError(f"token file {path} is missing, truncated or changed; re-run scalegpt prepare")
             out.append(np.memmap(path, dtype=dtype, mode="r", shape=(e["tokens"],)))
         return out
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the token files (a memmap would pickle as a full copy); they reopen on load,
-        so DataLoader workers started with spawn share the page cache."""
-        state = dict(self.__dict__)
-        state["_tokens"], state["_cache"] = None, OrderedDict()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._tokens = self._open_tokens()
 
     def _check_weights(self, weights: dict[str, float]) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.names))
@@ -334,11 +336,6 @@ class Mixture:
             sel = np.flatnonzero(src == i)
             out[sel] = self._tokens[i][start[sel, None] + offsets]
         return out
-
-    def sample(self, g: int) -> tuple[int, np.ndarray]:
-        """(source index, n_ctx+1 tokens) of global sample g."""
-        src, start = self.resolve([g])
-        return int(src[0]), self._gather(src, start)[0]
 
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
         """(len(indices), n_ctx+1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""

@@ -1,9 +1,10 @@
 """Mixture sources: resolve each config entry to concrete inputs, fingerprint them, stream documents.
 
 A source is local files (text, JSONL/JSON or Parquet: a file, a folder or a glob; ``stdlib:`` globs the
-running Python's standard library), a Hugging Face dataset, or a built-in generated corpus. Everything
-that can be checked before reading (missing paths, unknown corpora, an unreachable Hub) fails here,
-before `scalegpt prepare` writes anything.
+running Python's standard library), files downloaded from URLs (download.py), a Hugging Face dataset,
+or a built-in generated corpus. Everything that can be checked before reading (missing paths, unknown
+corpora, an unreachable Hub, a download that fails its checksum) fails here, before `scalegpt prepare`
+writes anything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import IO, Any, Literal
 
 from ..config import SourceConfig
 from ..errors import UserError
-from . import builtin
+from . import builtin, download
 from .tokenizer import split_safe
 
 READ_BLOCK = 1 << 20
@@ -137,6 +138,11 @@ def _load_hf(src: SourceConfig) -> Any:
 def resolve(src: SourceConfig) -> Source:
     """Find the source's inputs and fingerprint them (paths + sizes + mtimes, builtin parameters, or the
     Hugging Face dataset's own fingerprint); raise UserError naming the source when they are missing."""
+    if src.download and not src.path:
+        raise UserError(
+            f"source {src.name!r}: download: goes with path: (the files' names under $SCALEGPT_DATA_ROOT), "
+            f"not with hf: or builtin:"
+        )
     if src.builtin:
         if src.builtin not in builtin.DOMAINS:
             raise UserError(
@@ -160,8 +166,11 @@ def resolve(src: SourceConfig) -> Source:
         }
         return Source(src.name, "hf", f"hf:{src.hf}", src, _sha(key), dataset=ds)
     assert src.path, "config validation guarantees exactly one of path, hf or builtin"
-    files = expand_path(src.path, src.name)
-    return Source(src.name, "files", src.path, src, _sha({"files": _file_stats(files)}), files=files)
+    if src.download:
+        files, spec = download.fetch(src.name, src.path, src.download)
+    else:
+        files, spec = expand_path(src.path, src.name), src.path
+    return Source(src.name, "files", spec, src, _sha({"files": _file_stats(files)}), files=files)
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -20,6 +20,10 @@ from ..osutil import atomic_write
 EOT = "<|endoftext|>"
 """The end-of-text token that separates packed documents (GPT-3 Appendix B)."""
 
+PACKAGED_TOKENIZERS = {"gpt2": Path(__file__).resolve().parent / "gpt2"}
+"""Tokenizers that ship inside the package, by the name data.tokenizer gives them: GPT-2's 50257-token
+byte-level BPE, which GPT-3 reuses (Section 2.1), so its presets work without a download."""
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab < 65536, halving the token files), else uint32."""
@@ -68,8 +72,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = Non
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json file, or a folder holding tokenizer.json or GPT-2's vocab.json + merges.txt."""
-    p = Path(path)
+    """A packaged tokenizer by name ('gpt2'), a tokenizer.json file, or a folder holding tokenizer.json or
+    GPT-2's vocab.json + merges.txt. A name wins over a folder of that name in the current directory;
+    write ./gpt2 to mean the folder."""
+    p = PACKAGED_TOKENIZERS.get(str(path), Path(path))
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             p = p / "tokenizer.json"
@@ -86,7 +92,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not p.is_file():
         raise UserError(
             f"tokenizer {path} does not exist; set data.tokenizer to a tokenizer.json, a folder with "
-            f"one (or with vocab.json + merges.txt), or 'bpe' to train one"
+            f"one (or with vocab.json + merges.txt), {' or '.join(map(repr, PACKAGED_TOKENIZERS))} for a "
+            f"packaged one, or 'bpe' to train one"
         )
     try:
         return Tokenizer.from_file(str(p))
@@ -184,7 +191,7 @@ def split_safe(text: str, target: int) -> list[str]:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes: a cheap first check that a stored tokenizer.json is unchanged."""
+    """sha256 of a file's bytes: checks a stored tokenizer.json and downloaded sources."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -16,7 +16,7 @@ K = "few" means as many demonstrations as fit in n_ctx for every query of the ta
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,10 +27,10 @@ from torch import nn
 
 from ...model.generate import generate
 from ...model.gpt import KVCache
+from ..data.tokenizer import EOT
 from ..errors import UserError
 from .tasks import Example, Task, binomial_p_value
 
-EOT = "<|endoftext|>"
 FEW = "few"
 Shots = int | Literal["few"]
 POOL = 1000
@@ -88,9 +88,13 @@ def continuation_logprobs(
     return out
 
 
+Choices = tuple[Sequence[int], Sequence[Sequence[int]]]
+"""(context ids, the ids of each continuation): a question and its choices."""
+
+
 @torch.inference_mode()
 def shared_context_logprobs(
-    model: nn.Module, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *, batch_size: int = 32
+    model: nn.Module, items: Sequence[Choices], *, batch_size: int = 32
 ) -> list[list[tuple[float, bool]]]:
     """continuation_logprobs for several continuations of one context (the choices of a question), reading
     the context once: it is encoded into a KV cache, copied to one row per continuation, and only the
@@ -111,8 +115,6 @@ def shared_context_logprobs(
             groups.setdefault(len(ctx), []).append(i)
     for i in fallback:
         out[i] = continuation_logprobs(model, [(items[i][0], c) for c in items[i][1]], batch_size=batch_size)
-    device = _device(model)
-    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     try:
@@ -120,37 +122,55 @@ def shared_context_logprobs(
             per_batch = max(1, batch_size // max(1, max(len(items[i][1]) for i in members)))
             for a in range(0, len(members), per_batch):
                 idx = members[a : a + per_batch]
-                n_rows = max(len(items[i][1]) for i in idx)  # rows per context, ragged choice lists padded
-                width = max((len(c) for i in idx for c in items[i][1]), default=0)
-                cache = KVCache.empty(model.config, len(idx) * n_rows, device=device, dtype=dtype)
-                ctx = torch.tensor([list(items[i][0]) for i in idx], device=device)
-                first = F.log_softmax(model(ctx, cache=cache)[0][:, -1].float(), dim=-1)  # (B, vocab)
-                cache.k[:, : len(idx) * n_rows] = cache.k[:, : len(idx)].repeat_interleave(n_rows, dim=1)
-                cache.v[:, : len(idx) * n_rows] = cache.v[:, : len(idx)].repeat_interleave(n_rows, dim=1)
-                rest = None
-                if width > 1:
-                    x = torch.zeros(len(idx) * n_rows, width - 1, dtype=torch.long)
-                    for r, i in enumerate(idx):
-                        for j, c in enumerate(items[i][1]):
-                            if len(c) > 1:
-                                x[r * n_rows + j, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
-                    rest = F.log_softmax(model(x.to(device), cache=cache)[0].float(), dim=-1)  # (B*rows, w-1, V)
-                for r, i in enumerate(idx):
-                    scores = []
-                    for j, c in enumerate(items[i][1]):
-                        if not c:
-                            scores.append((0.0, True))
-                            continue
-                        target = torch.tensor(list(c), device=device)
-                        rows = first[r : r + 1]
-                        if len(c) > 1 and rest is not None:
-                            rows = torch.cat([rows, rest[r * n_rows + j, : len(c) - 1]])  # (len(c), V)
-                        total = rows.gather(1, target[:, None]).sum().item()
-                        scores.append((total, bool((rows.argmax(-1) == target).all())))
+                for i, scores in zip(idx, _score_shared_batch(model, [items[i] for i in idx]), strict=True):
                     out[i] = scores
     finally:
         model.train(was_training)
     return out
+
+
+def _score_shared_batch(model: nn.Module, batch: Sequence[Choices]) -> list[list[tuple[float, bool]]]:
+    """shared_context_logprobs for contexts of one length: each context fills one cache row, which is
+    then copied to n_rows rows, one per continuation (ragged choice lists padded)."""
+    device = _device(model)
+    n_rows = max(len(conts) for _, conts in batch)
+    cache = KVCache.empty(model.config, len(batch) * n_rows, device=device, dtype=next(model.parameters()).dtype)
+    ctx = torch.tensor([list(c) for c, _ in batch], device=device)
+    first = F.log_softmax(model(ctx, cache=cache)[0][:, -1].float(), dim=-1)  # (B, vocab)
+    cache.k[:, : len(batch) * n_rows] = cache.k[:, : len(batch)].repeat_interleave(n_rows, dim=1)
+    cache.v[:, : len(batch) * n_rows] = cache.v[:, : len(batch)].repeat_interleave(n_rows, dim=1)
+    rest = _continuations_after_cache(model, cache, batch, n_rows)
+    out = []
+    for r, (_, conts) in enumerate(batch):
+        scores = []
+        for j, c in enumerate(conts):
+            if not c:
+                scores.append((0.0, True))
+                continue
+            target = torch.tensor(list(c), device=device)
+            rows = first[r : r + 1]
+            if len(c) > 1 and rest is not None:
+                rows = torch.cat([rows, rest[r * n_rows + j, : len(c) - 1]])  # (len(c), V)
+            total = rows.gather(1, target[:, None]).sum().item()
+            scores.append((total, bool((rows.argmax(-1) == target).all())))
+        out.append(scores)
+    return out
+
+
+def _continuations_after_cache(
+    model: nn.Module, cache: KVCache, batch: Sequence[Choices], n_rows: int
+) -> torch.Tensor | None:
+    """Log-probabilities after each continuation token but the last, (B*n_rows, width-1, V), run on the
+    cached contexts; None when every continuation has at most one token (the context predicts it)."""
+    width = max((len(c) for _, conts in batch for c in conts), default=0)
+    if width <= 1:
+        return None
+    x = torch.zeros(len(batch) * n_rows, width - 1, dtype=torch.long)
+    for r, (_, conts) in enumerate(batch):
+        for j, c in enumerate(conts):
+            if len(c) > 1:
+                x[r * n_rows + j, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
+    return F.log_softmax(model(x.to(_device(model)), cache=cache)[0].float(), dim=-1)
 
 
 def pick_choice(logprobs: Sequence[float], lengths: Sequence[int], *, normalize: bool = True) -> int:
@@ -423,33 +443,11 @@ def run_plans(
     plans: Sequence[TaskPlan],
     *,
     batch_size: int = 32,
-    on_result: Callable[[ShotResult], None] | None = None,
 ) -> list[ShotResult]:
     """Score every planned (task, K), in order."""
     encoder = Encoder(tokenizer)
-    results = []
-    for plan in plans:
-        for setting, k in plan.settings:
-            result = run_setting(model, encoder, plan, setting, k, batch_size=batch_size)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-    return results
-
-
-def evaluate_fewshot(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    tasks: Sequence[Task],
-    *,
-    shots: Sequence[Shots] = (0, 1, FEW),
-    num_examples: int = 100,
-    seed: int = 1234,
-    few_max: int = 10,
-    batch_size: int = 32,
-) -> list[ShotResult]:
-    """Every task at every K: plan_tasks, then run_plans."""
-    plans = plan_tasks(
-        tasks, tokenizer, model.config.n_ctx, shots=shots, num_examples=num_examples, seed=seed, few_max=few_max
-    )
-    return run_plans(model, tokenizer, plans, batch_size=batch_size)
+    return [
+        run_setting(model, encoder, plan, setting, k, batch_size=batch_size)
+        for plan in plans
+        for setting, k in plan.settings
+    ]

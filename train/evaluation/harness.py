@@ -27,8 +27,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ...model.generate import generate
+from ..data.tokenizer import EOT
 from ..errors import UserError
-from .fewshot import EOT, Encoder, continuation_logprobs, shared_context_logprobs
+from .fewshot import Encoder, continuation_logprobs, shared_context_logprobs
 
 try:
     from lm_eval.api.model import LM as _Base

@@ -1,4 +1,4 @@
-"""Results of an evaluation as a console table, a JSON file and wandb tables; per-source epochs for curves."""
+"""Results of an evaluation as console tables and wandb tables; per-source epochs for curves."""
 
 from __future__ import annotations
 

@@ -1,0 +1,174 @@
+"""What a prepare run finds before doing any work: the sources, the tokenizer, and which sources are stale."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ...config import Config, global_batch
+from ...errors import UserError
+from .. import sources as src_mod
+from ..mixture import FORMAT, check_tokenizer_file, read_manifest
+from ..tokenizer import (
+    PACKAGED_TOKENIZERS,
+    check_tokenizer,
+    eot_id,
+    is_chunk_safe,
+    load_tokenizer,
+    token_dtype,
+    tokenizer_hash,
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Work:
+    """A source being (re-)prepared, and what reading and tokenizing it found."""
+
+    index: int
+    source: src_mod.Source
+    stats: src_mod.ReadStats = field(default_factory=src_mod.ReadStats)
+    rows: tuple[int, int] = (0, 0)
+    chars: int = 0
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Tok:
+    """A tokenizer with the facts about it that are costly to recompute (GPT-2's JSON is megabytes)."""
+
+    tok: Tokenizer
+    hash: str
+    eot: int
+
+    @classmethod
+    def of(cls, tok: Tokenizer) -> Tok:
+        return cls(tok, tokenizer_hash(tok), eot_id(tok))
+
+
+def file_name(name: str) -> str:
+    """<name>.bin, made filesystem-safe (with a hash suffix whenever the name had to change)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "source"
+    if safe != name:
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{safe}.bin"
+
+
+def planned_samples(cfg: Config) -> int:
+    """Samples of the planned run at one process: max_steps x global batch. `prepare` cannot know the world size;
+    with train.global_batch=0 a launch of N processes draws N times as many, which the trainer's epochs table shows."""
+    return cfg.train.max_steps * global_batch(cfg, world_size=1)
+
+
+@dataclass
+class Plan:
+    """What a prepare run found before doing any work."""
+
+    cfg: Config
+    data_dir: Path
+    dtype: np.dtype
+    recipe: dict[str, Any]
+    sources: list[src_mod.Source]
+    old: dict[str, Any] | None
+    chunked: bool
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def settings(self, i: int) -> dict[str, Any]:
+        """Everything besides the inputs and the tokenizer that changes source i's token file."""
+        source = self.sources[i]
+        return {
+            "format": FORMAT,
+            "val_fraction": self.cfg.data.val_fraction,
+            "invalid_utf8": self.cfg.data.invalid_utf8,
+            "text_field": source.cfg.text_field if source.kind != "builtin" else None,
+            "chunked": self.chunked,
+        }
+
+    def old_entry(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)
+
+    def stale(self, tok_hash: str | None) -> list[int]:
+        """Indices of the sources whose token files must be (re-)made with the tokenizer of this hash."""
+        return [i for i, s in enumerate(self.sources) if not self._up_to_date(i, s, tok_hash)]
+
+    def _up_to_date(self, i: int, source: src_mod.Source, tok_hash: str | None) -> bool:
+        entry = self.old_entry(source.name)
+        if entry is None or tok_hash is None:
+            return False
+        path = self.data_dir / entry["file"]
+        return (
+            entry["fingerprint"] == source.fingerprint
+            and entry["settings"] == self.settings(i)
+            and entry["tokenizer_hash"] == tok_hash
+            and path.is_file()
+            and path.stat().st_size == entry["tokens"] * self.dtype.itemsize
+        )
+
+    def manifest(self, entries: dict[str, dict[str, Any]], tok: Tok, file_sha: str) -> dict[str, Any]:
+        weights = {s.name: s.cfg.weight for s in self.sources}
+        return {
+            "format": FORMAT,
+            "tokenizer_hash": tok.hash,
+            "tokenizer_file": TOKENIZER_FILE,
+            "tokenizer_file_sha256": file_sha,
+            "tokenizer_recipe": self.recipe,
+            "vocab_size": self.cfg.model.vocab_size,
+            "eot_id": tok.eot,
+            "dtype": self.dtype.name,
+            "sources": [{**entries[n], "weight": weights[n]} for n in self.names if n in entries],
+        }
+
+    def drop_removed(self, echo: Echo) -> None:
+        for e in (self.old or {}).get("sources", []):
+            if e["name"] not in self.names:
+                (self.data_dir / e["file"]).unlink(missing_ok=True)
+                echo(f"  removed source {e['name']!r} (no longer in data.sources) and its token file")
+
+
+def make_plan(cfg: Config) -> tuple[Plan, Tok | None]:
+    """Check the config's data section and find its sources; the tokenizer too, unless a BPE must be
+    trained after reading (then None). Raises UserError before anything is written."""
+    d = cfg.data
+    if not d.sources:
+        raise UserError("data.sources is empty; add at least one source (see configs/data/builtin.yaml)")
+    dtype = token_dtype(cfg.model.vocab_size)
+    data_dir = Path(d.dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"data.dir {data_dir} is a file, not a folder; point data.dir at a folder")
+    old = read_manifest(data_dir)
+    if old is not None and (data_dir / TOKENIZER_FILE).is_file():
+        check_tokenizer_file(data_dir, old)
+    sources = [src_mod.resolve(s) for s in d.sources]
+    recipe, tok = _tokenizer(cfg, data_dir, old)
+    return Plan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
+
+
+def _tokenizer(cfg: Config, data_dir: Path, old: dict[str, Any] | None) -> tuple[dict[str, Any], Tok | None]:
+    """(recipe, tokenizer): reuse the BPE trained before, load the configured one, or None to train one."""
+    d, vocab, stored = cfg.data, cfg.model.vocab_size, data_dir / TOKENIZER_FILE
+    if d.tokenizer == "bpe":
+        recipe: dict[str, Any] = {"kind": "bpe", "vocab_size": vocab, "sample_mb": d.tokenizer_sample_mb}
+        if old is None or old.get("tokenizer_recipe") != recipe or not stored.is_file():
+            return recipe, None
+        loaded = load_tokenizer(stored)  # sources may change; the tokenizer stays unless its recipe does
+        check_tokenizer(loaded, vocab, str(stored))
+        return recipe, Tok(loaded, old["tokenizer_hash"], eot_id(loaded))  # check_tokenizer_file vouched for it
+    if d.tokenizer in PACKAGED_TOKENIZERS:
+        recipe = {"kind": "packaged", "name": d.tokenizer}
+    else:
+        recipe = {"kind": "file", "path": d.tokenizer}
+    loaded = load_tokenizer(d.tokenizer)
+    check_tokenizer(loaded, vocab, d.tokenizer)
+    return recipe, Tok.of(loaded)
