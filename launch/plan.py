@@ -3,7 +3,7 @@ batch, and how long will it take? Arithmetic only (model/flops.py): nothing is a
 
 ``make_plan`` returns a Plan of numbers for tests and benchmarks (a GPU benchmark compares a real
 run's peak memory with ``Plan.peak.total``); ``format_plan`` turns it into the printed report. On CPU,
-DeepSpeed ZeRO-2 runs of the smoke model peak 4-6% below ``Plan.peak.total`` (tests/test_plan.py).
+DeepSpeed ZeRO-2 runs of the smoke model peak 5-8% below ``Plan.peak.total`` (tests/test_plan.py).
 
 Which model-state accounting the plan *uses* (for the peak and the recommended micro batch): for
 ZeRO-2 runs, DeepSpeed's own estimate (2Ψ + 18Ψ/N in 16 bits, 4Ψ + 16Ψ/N in fp32; see
@@ -33,7 +33,7 @@ from ..model.flops import (
     zero_model_states,
 )
 from ..train.config import Config, load_config
-from ..train.engine import deepspeed_config
+from ..train.engine import compiled_ops_note, deepspeed_config
 from ..train.errors import UserError
 
 HEADROOM = 0.10
@@ -168,6 +168,13 @@ def _states_for_stage(cfg: Config, n_params: int, gpus: int) -> ModelStateBytes:
     return states
 
 
+def _accumulates_in_fp32(cfg: Config, gpus: int, accumulation: int) -> bool:
+    """Whether the DeepSpeed JSON the engine will generate sums gradients in fp32 (read from it, so a
+    `deepspeed:` pass-through of data_types.grad_accum_dtype is seen here too)."""
+    ds = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=accumulation)
+    return cfg.train.precision != "fp32" and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+
+
 def peak_memory(cfg: Config, gpus: int, micro_batch: int, checkpointing: bool, accumulation: int = 1) -> PeakMemory:
     """Predicted per-GPU peak for this config on `gpus` GPUs at one micro batch."""
     t = cfg.train
@@ -181,6 +188,8 @@ def peak_memory(cfg: Config, gpus: int, micro_batch: int, checkpointing: bool, a
         fp32_copy = 0.0 if v == 4 else 4 * n_params / gpus
         if t.zero_stage == 2:
             grads = partition  # states.grads also holds the fp32 copy, which exists only in the step
+            if _accumulates_in_fp32(cfg, gpus, accumulation):
+                grads = 4 * n_params / gpus  # bf16 gradients summed in an fp32 partition
         step_extra = partition + fp32_copy
     buffers = _bucket_bytes(cfg, gpus)
     acts = activation_memory(cfg.model, micro_batch, precision=t.precision, flash=True)
@@ -214,49 +223,56 @@ def _choose(cfg: Config, gpus: int, usable: float, checkpointing: bool, per_gpu:
     return None
 
 
-def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Plan:
-    """The plan for `cfg` on `gpus` data-parallel GPUs of `gpu_memory_gb` GiB each, sustaining `tflops`
-    model TFLOP/s each (MFU x peak; recompute is not added). Raises UserError on bad arguments."""
+def _check_arguments(gpus: int, gpu_memory_gb: float, tflops: float) -> None:
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise UserError(f"--gpus must be a positive integer, got {gpus}")
     if not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
         raise UserError(f"--gpu-memory must be a positive number of GB per GPU, got {gpu_memory_gb}")
     if not (math.isfinite(tflops) and tflops > 0):
         raise UserError(f"--tflops must be a positive number, got {tflops}")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """How the global batch splits over the GPUs at the configured micro batch."""
+
+    global_batch: int
+    per_gpu: int | None
+    """Sequences per GPU per step; None when any micro batch is allowed or the split is impossible."""
+    grad_accum: int | None
+    error: str | None
+
+
+def _split_batch(cfg: Config, gpus: int) -> _Batch:
+    t = cfg.train
+    if not t.global_batch:
+        return _Batch(global_batch=t.micro_batch * gpus, per_gpu=None, grad_accum=1, error=None)
+    if t.global_batch % gpus:
+        error = (
+            f"train.global_batch={t.global_batch} cannot be split evenly over {gpus} GPUs; use a GPU count "
+            f"that divides {t.global_batch}, or set train.global_batch to a multiple of {gpus}"
+        )
+        return _Batch(global_batch=t.global_batch, per_gpu=None, grad_accum=None, error=error)
+    per_gpu = t.global_batch // gpus
+    accum = per_gpu // t.micro_batch if per_gpu % t.micro_batch == 0 else None
+    return _Batch(global_batch=t.global_batch, per_gpu=per_gpu, grad_accum=accum, error=None)
+
+
+def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Plan:
+    """The plan for `cfg` on `gpus` data-parallel GPUs of `gpu_memory_gb` GiB each, sustaining `tflops`
+    model TFLOP/s each (MFU x peak; recompute is not added). Raises UserError on bad arguments."""
+    _check_arguments(gpus, gpu_memory_gb, tflops)
     m, t = cfg.model, cfg.train
     n_params = count_params(m)
-    gpu_memory = gpu_memory_gb * GiB
-    usable = gpu_memory * (1 - HEADROOM)
-    states = _states_for_stage(cfg, n_params, gpus)
-
-    batch_error = None
-    if t.global_batch:
-        global_batch = t.global_batch
-        if global_batch % gpus:
-            per_gpu = None
-            batch_error = (
-                f"train.global_batch={global_batch} cannot be split evenly over {gpus} GPUs; use a GPU count "
-                f"that divides {global_batch}, or set train.global_batch to a multiple of {gpus}"
-            )
-        else:
-            per_gpu = global_batch // gpus
-        grad_accum = per_gpu // t.micro_batch if per_gpu and per_gpu % t.micro_batch == 0 else None
-    else:
-        global_batch, per_gpu, grad_accum = t.micro_batch * gpus, None, 1
-
-    if batch_error:
-        recommended = recommended_ckpt = None
-    else:
-        recommended = _choose(cfg, gpus, usable, False, per_gpu)
-        recommended_ckpt = _choose(cfg, gpus, usable, True, per_gpu)
-
-    tokens_per_step = global_batch * m.n_ctx
-    fpt = flops_per_token(m)
-    step_seconds = tokens_per_step * fpt / (gpus * tflops * 1e12)
+    usable = gpu_memory_gb * GiB * (1 - HEADROOM)
+    batch = _split_batch(cfg, gpus)
+    choices = [None if batch.error else _choose(cfg, gpus, usable, ckpt, batch.per_gpu) for ckpt in (False, True)]
+    tokens_per_step = batch.global_batch * m.n_ctx
+    step_seconds = tokens_per_step * flops_per_token(m) / (gpus * tflops * 1e12)
     return Plan(
         model=m,
         gpus=gpus,
-        gpu_memory=gpu_memory,
+        gpu_memory=gpu_memory_gb * GiB,
         usable_memory=usable,
         tflops=tflops,
         precision=t.precision,
@@ -264,23 +280,23 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Pl
         cpu_offload=t.cpu_offload,
         params=n_params,
         params_non_embedding=count_params(m, non_embedding=True),
-        flops_per_token=fpt,
+        flops_per_token=flops_per_token(m),
         zero_mixed=tuple(zero_model_states(n_params, stage=s, gpus=gpus, precision="bf16") for s in range(4)),
         zero_fp32=tuple(zero_model_states(n_params, stage=s, gpus=gpus, precision="fp32") for s in range(4)),
         deepspeed_zero2=deepspeed_zero2_model_states(
             n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload
         ),
-        model_states=states,
+        model_states=_states_for_stage(cfg, n_params, gpus),
         micro_batch=t.micro_batch,
         checkpointing=t.activation_checkpointing,
         activations=activation_memory(m, t.micro_batch, precision=t.precision, flash=True),
         activations_no_flash=activation_memory(m, t.micro_batch, precision=t.precision, flash=False),
-        peak=peak_memory(cfg, gpus, t.micro_batch, t.activation_checkpointing, grad_accum or 1),
-        global_batch=global_batch,
-        grad_accum=grad_accum,
-        recommended=recommended,
-        recommended_checkpointing=recommended_ckpt,
-        batch_error=batch_error,
+        peak=peak_memory(cfg, gpus, t.micro_batch, t.activation_checkpointing, batch.grad_accum or 1),
+        global_batch=batch.global_batch,
+        grad_accum=batch.grad_accum,
+        recommended=choices[0],
+        recommended_checkpointing=choices[1],
+        batch_error=batch.error,
         tokens_per_step=tokens_per_step,
         step_seconds=step_seconds,
         max_steps=t.max_steps,
@@ -308,118 +324,141 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s"
 
 
-def format_plan(plan: Plan, source: str = "") -> str:
-    """The human-readable report of a Plan."""
-    m, p = plan.model, plan.peak
-    unit, scale = _unit(plan)
-    lines: list[str] = []
-    add = lines.append
+class _Report:
+    """format_plan's sections, each a method that returns its lines, in one memory unit."""
 
-    def mem(x: float, width: int = 0) -> str:
-        return f"{x / scale:>{width},.2f}"
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.unit, self.scale = _unit(plan)
 
-    def choice_line(label: str, choice: BatchChoice | None) -> str:
+    def mem(self, x: float, width: int = 0) -> str:
+        return f"{x / self.scale:>{width},.2f}"
+
+    def header(self, source: str) -> list[str]:
+        plan, m = self.plan, self.plan.model
+        offload = ", ZeRO-Offload" if plan.cpu_offload else ""
+        return [
+            f"plan for {source or 'config'}: {plan.gpus} GPU(s) x {plan.gpu_memory / GiB:g} GiB, {plan.precision}, "
+            f"ZeRO-{plan.zero_stage}{offload}",
+            "",
+            f"parameters       {plan.params:,} ({plan.params_non_embedding:,} without the position embedding); "
+            f"{m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, n_ctx {m.n_ctx}, vocab {m.vocab_size}",
+            f"training FLOPs   {plan.flops_per_token:.4g} per token (6N + 12·L·d·T, PaLM Appendix B)",
+            "",
+        ]
+
+    def model_states(self) -> list[str]:
+        plan, mem, unit = self.plan, self.mem, self.unit
+        lines = [
+            f"model states per GPU on {plan.gpus} GPU(s), {unit} (Ψ = {plan.params:,}):",
+            "  ZeRO   mixed precision: params   grads  optimizer    total  |  fp32: total  |  DeepSpeed estimate",
+        ]
+        for stage in range(4):
+            mp, f32 = plan.zero_mixed[stage], plan.zero_fp32[stage]
+            ds = mem(plan.deepspeed_zero2.total, 10) if stage == 2 else f"{'-':>10}"
+            lines.append(
+                f"  {stage:<4} {mem(mp.params, 24)} {mem(mp.grads, 7)} {mem(mp.optimizer, 10)} {mem(mp.total, 8)}"
+                f"  |  {mem(f32.total, 11)}  |  {ds}"
+            )
+        formula = (
+            "4Ψ + 16Ψ/N (its fp32 mode still clones an fp32 master partition)"
+            if plan.precision == "fp32"
+            else "2Ψ + 18Ψ/N (estimate_zero2_model_states_mem_needs)"
+        )
+        host = f", {mem(plan.deepspeed_zero2.offloaded)} {unit} of it in host memory" if plan.cpu_offload else ""
+        used = "DeepSpeed's estimate" if plan.zero_stage == 2 else "the ZeRO paper's accounting"
+        lines += [
+            "  ZeRO paper: mixed precision 2Ψ + 2Ψ + 12Ψ, fp32 4Ψ + 4Ψ + 8Ψ (no master copy); stage 1 splits the "
+            "optimizer states over N, 2 also the gradients, 3 also the parameters.",
+            f"  DeepSpeed's ZeRO-2 estimate ({plan.precision}): {formula}{host}.",
+            f"  Used below for ZeRO-{plan.zero_stage}: {used}, {mem(plan.model_states.total)} {unit} on the GPU.",
+        ]
+        if plan.peak.buffers:
+            lines.append(
+                f"  Plus ZeRO gradient buckets during backward: {mem(plan.peak.buffers)} {unit} "
+                "(deepspeed.zero_optimization.reduce_bucket_size, doubled by overlap_comm)."
+            )
+        if plan.zero_stage == 3:
+            lines.append("  ZeRO-3's prefetch and gather buffers are not modeled.")
+        return [*lines, ""]
+
+    def activations(self) -> list[str]:
+        plan, mem = self.plan, self.mem
+        a, n = plan.activations, plan.activations_no_flash
+        return [
+            f"activations per GPU at micro batch {plan.micro_batch} ({plan.precision} values), {self.unit}:",
+            "                                         per layer   all layers + loss peak",
+            f"  attention probabilities (Korthikanti) {mem(n.layer, 11)} {mem(n.without_checkpointing, 16)}",
+            f"  flash attention (what runs)           {mem(a.layer, 11)} {mem(a.without_checkpointing, 16)}",
+            f"  flash + activation checkpointing      {mem(a.layer_input, 11)} {mem(a.with_checkpointing, 16)}",
+            f"  of which the loss (chunked logits)    {'':>11} {mem(a.logits, 16)}",
+            "",
+        ]
+
+    def peak(self) -> list[str]:
+        plan, p, mem = self.plan, self.plan.peak, self.mem
+        ckpt = "with" if plan.checkpointing else "without"
+        verdict = "fits" if p.total <= plan.usable_memory else "DOES NOT FIT"
+        accumulated = f" + accumulated gradients {mem(p.grads)}" if p.accumulation > 1 else ""
+        return [
+            f"peak per GPU at micro batch {plan.micro_batch}, {ckpt} activation checkpointing: {mem(p.total)} "
+            f"{self.unit} of {mem(plan.usable_memory)} usable ({HEADROOM:.0%} headroom): {verdict}",
+            f"  backward {mem(p.backward)} = states {mem(p.states)}{accumulated} + buckets {mem(p.buffers)} "
+            f"+ activations {mem(p.activations)}; optimizer step {mem(p.step)}",
+            "",
+        ]
+
+    def choice(self, label: str, choice: BatchChoice | None) -> str:
         if choice is None:
             return (
                 f"  {label}: nothing fits, even micro batch 1; use more GPUs, ZeRO-3 (train.zero_stage=3), "
                 "train.cpu_offload=true or a smaller model"
             )
-        batch = choice.micro_batch * choice.grad_accum * plan.gpus
+        batch = choice.micro_batch * choice.grad_accum * self.plan.gpus
         return (
-            f"  {label}: micro batch {choice.micro_batch} x accumulation {choice.grad_accum} x {plan.gpus} GPU(s) "
-            f"= global batch {batch}; peak {mem(choice.peak.total)} {unit}"
+            f"  {label}: micro batch {choice.micro_batch} x accumulation {choice.grad_accum} x {self.plan.gpus} "
+            f"GPU(s) = global batch {batch}; peak {self.mem(choice.peak.total)} {self.unit}"
         )
 
-    offload = ", ZeRO-Offload" if plan.cpu_offload else ""
-    add(
-        f"plan for {source or 'config'}: {plan.gpus} GPU(s) x {plan.gpu_memory / GiB:g} GiB, {plan.precision}, "
-        f"ZeRO-{plan.zero_stage}{offload}"
-    )
-    add("")
-    add(
-        f"parameters       {plan.params:,} ({plan.params_non_embedding:,} without the position embedding); "
-        f"{m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads, n_ctx {m.n_ctx}, vocab {m.vocab_size}"
-    )
-    add(f"training FLOPs   {plan.flops_per_token:.4g} per token (6N + 12·L·d·T, PaLM Appendix B)")
-    add("")
-    add(f"model states per GPU on {plan.gpus} GPU(s), {unit} (Ψ = {plan.params:,}):")
-    add("  ZeRO   mixed precision: params   grads  optimizer    total  |  fp32: total  |  DeepSpeed estimate")
-    for stage in range(4):
-        mp, f32 = plan.zero_mixed[stage], plan.zero_fp32[stage]
-        ds = mem(plan.deepspeed_zero2.total, 10) if stage == 2 else f"{'-':>10}"
-        add(
-            f"  {stage:<4} {mem(mp.params, 24)} {mem(mp.grads, 7)} {mem(mp.optimizer, 10)} {mem(mp.total, 8)}"
-            f"  |  {mem(f32.total, 11)}  |  {ds}"
-        )
-    add(
-        "  ZeRO paper: mixed precision 2Ψ + 2Ψ + 12Ψ, fp32 4Ψ + 4Ψ + 8Ψ (no master copy); stage 1 splits the "
-        "optimizer states over N, 2 also the gradients, 3 also the parameters."
-    )
-    formula = (
-        "4Ψ + 16Ψ/N (its fp32 mode still clones an fp32 master partition)"
-        if plan.precision == "fp32"
-        else "2Ψ + 18Ψ/N (estimate_zero2_model_states_mem_needs)"
-    )
-    host = f", {mem(plan.deepspeed_zero2.offloaded)} {unit} of it in host memory" if plan.cpu_offload else ""
-    add(f"  DeepSpeed's ZeRO-2 estimate ({plan.precision}): {formula}{host}.")
-    used = "DeepSpeed's estimate" if plan.zero_stage == 2 else "the ZeRO paper's accounting"
-    add(f"  Used below for ZeRO-{plan.zero_stage}: {used}, {mem(plan.model_states.total)} {unit} on the GPU.")
-    if p.buffers:
-        add(
-            f"  Plus ZeRO gradient buckets during backward: {mem(p.buffers)} {unit} "
-            "(deepspeed.zero_optimization.reduce_bucket_size, doubled by overlap_comm)."
-        )
-    if plan.zero_stage == 3:
-        add("  ZeRO-3's prefetch and gather buffers are not modeled.")
-    add("")
-    a, n = plan.activations, plan.activations_no_flash
-    add(f"activations per GPU at micro batch {plan.micro_batch} ({plan.precision} values), {unit}:")
-    add("                                         per layer   all layers + loss peak")
-    add(f"  attention probabilities (Korthikanti) {mem(n.layer, 11)} {mem(n.without_checkpointing, 16)}")
-    add(f"  flash attention (what runs)           {mem(a.layer, 11)} {mem(a.without_checkpointing, 16)}")
-    add(f"  flash + activation checkpointing      {mem(a.layer_input, 11)} {mem(a.with_checkpointing, 16)}")
-    add(f"  of which the loss (b·s·V logits)      {'':>11} {mem(a.logits, 16)}")
-    add("")
-    ckpt = "with" if plan.checkpointing else "without"
-    verdict = "fits" if p.total <= plan.usable_memory else "DOES NOT FIT"
-    add(
-        f"peak per GPU at micro batch {plan.micro_batch}, {ckpt} activation checkpointing: {mem(p.total)} {unit} "
-        f"of {mem(plan.usable_memory)} usable ({HEADROOM:.0%} headroom): {verdict}"
-    )
-    accumulated = f" + accumulated gradients {mem(p.grads)}" if p.accumulation > 1 else ""
-    add(
-        f"  backward {mem(p.backward)} = states {mem(p.states)}{accumulated} + buckets {mem(p.buffers)} "
-        f"+ activations {mem(p.activations)}; optimizer step {mem(p.step)}"
-    )
-    add("")
-    if plan.batch_error:
-        add(f"batch: {plan.batch_error}")
-    else:
+    def batch(self) -> list[str]:
+        plan = self.plan
+        if plan.batch_error:
+            return [f"batch: {plan.batch_error}", ""]
         if plan.grad_accum is None:
-            add(
+            first = (
                 f"batch: train.micro_batch={plan.micro_batch} does not divide the per-GPU batch "
                 f"{plan.global_batch // plan.gpus}; pick one of the micro batches below"
             )
         else:
-            add(
+            first = (
                 f"batch: global {plan.global_batch} sequences = micro {plan.micro_batch} x accumulation "
                 f"{plan.grad_accum} x {plan.gpus} GPU(s)"
             )
-        add("recommended micro batch (largest that fits):")
-        add(choice_line("without activation checkpointing", plan.recommended))
-        add(choice_line("with activation checkpointing   ", plan.recommended_checkpointing))
-    add("")
-    h100 = plan.tflops * 1e12 / PEAK_FLOPS["H100"]
-    add(
-        f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
-        f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x {plan.tflops:g}e12) "
-        f"= {plan.step_seconds:.3g} s"
-    )
-    add(
-        f"training time: {plan.max_steps:,} steps ({_count(plan.tokens_per_step * plan.max_steps)} tokens) = "
-        f"{_duration(plan.train_days * 86400)} on {plan.gpus} GPU(s)"
-    )
-    return "\n".join(lines)
+        return [
+            first,
+            "recommended micro batch (largest that fits):",
+            self.choice("without activation checkpointing", plan.recommended),
+            self.choice("with activation checkpointing   ", plan.recommended_checkpointing),
+            "",
+        ]
+
+    def time(self) -> list[str]:
+        plan = self.plan
+        h100 = plan.tflops * 1e12 / PEAK_FLOPS["H100"]
+        return [
+            f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
+            f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x "
+            f"{plan.tflops:g}e12) = {plan.step_seconds:.3g} s",
+            f"training time: {plan.max_steps:,} steps ({_count(plan.tokens_per_step * plan.max_steps)} tokens) = "
+            f"{_duration(plan.train_days * 86400)} on {plan.gpus} GPU(s)",
+        ]
+
+
+def format_plan(plan: Plan, source: str = "") -> str:
+    """The human-readable report of a Plan."""
+    r = _Report(plan)
+    sections = (r.header(source), r.model_states(), r.activations(), r.peak(), r.batch(), r.time())
+    return "\n".join(line for section in sections for line in section)
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -428,6 +467,7 @@ def plan_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, args.gpus, args.gpu_memory, args.tflops)
     print(format_plan(plan, str(args.config)), flush=True)
+    print(f"compiled at start-up: {compiled_ops_note(cfg) or 'nothing'}", flush=True)
     if plan.batch_error:
         raise UserError(plan.batch_error)
     return 0

@@ -31,7 +31,10 @@ class ModelConfig:
     local_window: int = 256
     """Band width in tokens of the local layers when attention is 'alternating'."""
     attn_impl: str = "auto"
-    """Kernel for banded layers: 'flex' (flex_attention block mask), 'sdpa' (explicit mask) or 'auto'."""
+    """Kernel of the banded layers. 'auto': compiled flex_attention (it skips blocks outside the band)
+    when train.compile is on and the device is CUDA, else SDPA with the band mask. 'sdpa': always SDPA
+    with the band mask. 'flex' reads as 'auto' (flex_attention only ever runs compiled); it is kept so
+    older configs load. model/attention.py's choose_kernel holds the rule."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (GPT-2 uses 1e-5)."""
 

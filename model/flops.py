@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 from .config import ModelConfig
-
-Precision = Literal["bf16", "fp16", "fp32"]
 
 GiB = float(2**30)
 
@@ -204,6 +201,32 @@ def zero_bucket_bytes(
     return (2 if overlap_comm else 1) * reduce_bucket_size * value_bytes(precision)
 
 
+LOSS_CHUNK_ELEMENTS = 2**24
+"""Logits that model/loss.py materializes at once (64 MiB in fp32): its forward pass takes this many
+over chunks of rows, its backward pass over slices of the vocabulary. Large enough that each chunk
+is a full-size matmul on a GPU, small enough that the loss stays below one block's activations."""
+
+
+def loss_chunks(rows: int, vocab: int) -> tuple[int, int]:
+    """(rows per forward chunk, vocabulary entries per backward slice) of the chunked loss over
+    `rows` positions: each chunk or slice holds about LOSS_CHUNK_ELEMENTS logits."""
+    return max(1, LOSS_CHUNK_ELEMENTS // vocab), max(1, LOSS_CHUNK_ELEMENTS // max(1, rows))
+
+
+def loss_peak_bytes(config: ModelConfig, rows: int, precision: str) -> float:
+    """Peak bytes of model/loss.py's chunked cross-entropy over `rows` positions (micro batch x
+    n_ctx). Forward, per chunk: the fp32 logits and logsumexp's fp32 temporary (16-bit logits live
+    only while cast). Backward, per slice: the fp32 softmax of the recomputed logits and, in 16 bits,
+    its cast back, beside the whole head-weight gradient (vocab x d_model, training dtype) and the
+    fp32 input gradient (rows x d_model). The larger of the two."""
+    v, vocab, h = value_bytes(precision), config.vocab_size, config.d_model
+    chunk_rows, vocab_slice = loss_chunks(rows, vocab)
+    forward = min(chunk_rows, rows) * vocab * (4 + 4)
+    cast = v if v < 4 else 0  # a 16-bit copy of the fp32 softmax; in fp32 it is the same tensor
+    backward = rows * min(vocab_slice, vocab) * (4 + cast) + vocab * h * v + rows * h * 4
+    return float(max(forward, backward))
+
+
 @dataclass(frozen=True)
 class ActivationMemory:
     """Activation bytes of one micro batch on one GPU, and where the backward pass peaks.
@@ -213,7 +236,8 @@ class ActivationMemory:
     and v (3), the c_proj input (1), the c_fc input (1), the GELU input and output (2·d_ff/h = 8),
     plus 1-byte dropout masks when dropout > 0. Attention itself saves either the softmax
     probabilities (a·s² values per sequence, plus their dropout mask and output when dropout > 0) or,
-    with flash attention (torch SDPA's flash kernels; flex attention for the banded layers), only its
+    with fused attention (SDPA's flash and memory-efficient kernels, the banded layers' mask included;
+    compiled flex attention), only its
     output (s·b·h) and the fp32 log-sum-exp (a·s·b): no s² term. With 16-bit values, dropout and
     d_ff = 4h the non-flash count is exactly the paper's s·b·h·(34 + 5·a·s/h)."""
 
@@ -231,10 +255,10 @@ class ActivationMemory:
     """Gradients in flight inside one block's backward: the GELU's incoming and outgoing gradients
     (d_ff wide) and the residual stream's gradient, s·b·h·(2·d_ff/h + 1) values."""
     logits: float
-    """The loss' peak, at the start of backward: with ``logits.float()`` and ``F.cross_entropy``,
-    the training-dtype logits the forward returns, the saved fp32 log-softmax, its incoming gradient
-    and the outgoing one: b·s·V·(12 + value bytes). For GPT-2's vocabulary this rivals all the
-    layers' activations together."""
+    """The loss' peak (``loss_peak_bytes``): the chunked cross-entropy of model/loss.py holds about
+    LOSS_CHUNK_ELEMENTS logits at a time, plus the head-weight and input gradients in backward.
+    Unchunked (``logits.float()`` and ``F.cross_entropy``) it would be b·s·V·(12 + value bytes),
+    for GPT-2's vocabulary more than all the layers' activations together."""
 
     @property
     def without_checkpointing(self) -> float:
@@ -257,7 +281,7 @@ def activation_memory(
 ) -> ActivationMemory:
     """Activation memory of one micro batch of full n_ctx sequences (see ActivationMemory for the
     accounting). ``flash=False`` gives Korthikanti et al.'s count with materialized attention
-    probabilities; ``flash=True`` is what gpt.py runs on a GPU, and on a CPU for dense layers.
+    probabilities; ``flash=True`` is what model/attention.py's kernels save.
     Ignored as small: LayerNorm's per-token mean and rstd, and the embedding's saved token indices.
     Parameter gradients are model states, counted apart."""
     if micro_batch < 1:
@@ -275,7 +299,7 @@ def activation_memory(
         attention = probs * v + (probs * (1 + v) if dropout else 0)  # softmax out; dropout mask and out
     layer = sbh * (values * v + masks) + attention
     head = sbh * (2 * v + (1 if dropout else 0))
-    logits = float(s * b * config.vocab_size * (12 + v))
+    logits = loss_peak_bytes(config, s * b, precision)
     return ActivationMemory(
         micro_batch=micro_batch,
         n_layer=config.n_layer,

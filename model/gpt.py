@@ -14,25 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Kernel, attend, attention_mask, band_block_mask, choose_kernel
 from .config import ModelConfig
+from .loss import chunked_cross_entropy, eager_chunked_cross_entropy
 
-try:  # flex attention arrived in torch 2.5; the banded layers fall back to an explicit mask without it
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - exercised only on old torch
-    create_block_mask = flex_attention = None
+__all__ = ["GPT", "KVCache", "attention_mask", "build_model", "is_local_layer"]
 
 
 def is_local_layer(config: ModelConfig, layer: int) -> bool:
     """GPT-3 alternates dense and locally banded layers; we make the odd layers the banded ones."""
     return config.attention == "alternating" and layer % 2 == 1
-
-
-def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """Boolean (Tq, Tk) mask, True where query may attend: causal, and within `window` if banded."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= (q_pos[:, None] - k_pos[None, :]) < window
-    return allowed
 
 
 @dataclass
@@ -50,7 +41,8 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; banded to `local_window` tokens on GPT-3's sparse layers."""
+    """Multi-head causal self-attention; banded to `local_window` tokens on GPT-3's sparse layers.
+    The kernel comes from attention.choose_kernel; `compiled` is set from outside (GPT.compiled)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -59,50 +51,46 @@ class CausalSelfAttention(nn.Module):
         self.window = config.local_window if is_local_layer(config, layer) else None
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
+        self.compiled = False
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)  # q, k, v together
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self._block_masks: dict[tuple[int, str], object] = {}
 
-    def _use_flex(self, x: Tensor) -> bool:
-        if self.window is None or flex_attention is None or self.attn_impl == "sdpa":
-            return False
-        return self.attn_impl == "flex" or x.is_cuda
+    def kernel(self, device_type: str, *, cached: bool, new_tokens: int) -> Kernel:
+        """This call's kernel. Flex needs both the flag and a trace in progress, so a model marked
+        compiled but called eagerly still never runs flex uncompiled."""
+        return choose_kernel(
+            device_type=device_type,
+            compiled=self.compiled and torch.compiler.is_compiling(),
+            window=self.window,
+            attn_impl=self.attn_impl,
+            cached=cached,
+            new_tokens=new_tokens,
+            dropout=self.training and self.dropout > 0,
+        )
 
     def _flex_block_mask(self, T: int, device: torch.device) -> object:
         key = (T, str(device))
         if key not in self._block_masks:
-            window = self.window
-
-            def banded_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-                return (kv <= q) & (q - kv < window)
-
-            self._block_masks[key] = create_block_mask(banded_causal, None, None, T, T, device=str(device))
+            assert self.window is not None
+            self._block_masks[key] = band_block_mask(self.window, T, device)
         return self._block_masks[key]
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-        p = self.dropout if self.training else 0.0
+        kernel = self.kernel(x.device.type, cached=cache is not None, new_tokens=T)
+        start = 0
         if cache is not None:
             start = cache.length
             cache.k[self.layer, :B, :, start : start + T] = k
             cache.v[self.layer, :B, :, start : start + T] = v
             k, v = cache.k[self.layer, :B, :, : start + T], cache.v[self.layer, :B, :, : start + T]
-            if T == 1 and self.window is None:
-                y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole prefix
-            else:
-                q_pos = torch.arange(start, start + T, device=x.device)
-                mask = attention_mask(q_pos, torch.arange(start + T, device=x.device), self.window)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif self.window is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # flash kernel on GPU
-        elif self._use_flex(x):
-            y = flex_attention(q, k, v, block_mask=self._flex_block_mask(T, x.device))
-        else:
-            pos = torch.arange(T, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pos, pos, self.window), dropout_p=p)
+        block_mask = self._flex_block_mask(T, x.device) if kernel == "flex" else None
+        p = self.dropout if self.training else 0.0
+        y = attend(kernel, q, k, v, window=self.window, start=start, dropout_p=p, block_mask=block_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -142,6 +130,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.activation_checkpointing = False
+        self._loss = chunked_cross_entropy
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.d_model),
@@ -154,16 +143,41 @@ class GPT(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    @property
+    def compiled(self) -> bool:
+        """Whether this model runs under torch.compile. Set from outside by whoever compiles it (the
+        engine wrapper), like activation_checkpointing: the attention layers' kernel choice reads it."""
+        return bool(self.transformer.h[0].attn.compiled)
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        for block in self.transformer.h:
+            block.attn.compiled = value
+        self._loss = eager_chunked_cross_entropy() if value else chunked_cross_entropy
+
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, *, device: torch.device | str | None = None) -> None:
         """GPT-2 initialization: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2*n_layer))
-        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3). Separate from
-        construction so a model built on the meta device can be materialized, then initialized."""
-        gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3).
+
+        Separate from construction, so a model built on the meta device is materialized on `device`
+        (default CPU) here and initialized where it lives: every weight is drawn in place, on its own
+        device, from one generator seeded with `seed` (the device's default generator when None), in
+        module order. The same seed and config thus give the same weights on every rank of one device
+        type (CUDA's draws depend on the GPU model, so not across models), with no host round trip.
+        On CPU they are bit-for-bit those of drawing into a fresh fp32 tensor and copying it in
+        (tests/test_model.py holds that reference)."""
+        if any(p.is_meta for p in self.parameters()):
+            self.to_empty(device=device or "cpu")
+        where = self.transformer.wte.weight.device
+        gen = None if seed is None else torch.Generator(device=where).manual_seed(seed)
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
 
         def normal_(t: Tensor, std: float) -> None:
-            t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+            if t.dtype == torch.float32:
+                t.normal_(0.0, std, generator=gen)
+            else:  # draw in fp32, so a 16-bit model gets the rounded fp32 weights, not other draws
+                t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).normal_(0.0, std, generator=gen))
 
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -184,8 +198,10 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None)."""
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), None) without targets, or (None, mean
+        cross-entropy) with them: training never materializes the whole micro batch's logits
+        (model/loss.py). Targets equal to -1 are ignored."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_ctx:
@@ -200,17 +216,15 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        logits = F.linear(x, self.transformer.wte.weight)  # output layer tied to the token embedding
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        w = self.transformer.wte.weight  # the output layer is tied to the token embedding
+        if targets is None:
+            return F.linear(x, w), None
+        return None, self._loss(x.reshape(B * T, -1), w, targets.reshape(-1))
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", seed: int | None = None) -> GPT:
-    """Build on the meta device (no memory), then materialize on `device` and initialize."""
+    """Build on the meta device (no memory, no draws), then materialize and initialize on `device`."""
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(seed)
+    model.init_weights(seed, device=device)
     return model

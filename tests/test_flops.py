@@ -4,6 +4,7 @@ memory against Korthikanti et al.'s formula and against what PyTorch actually al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,19 +12,25 @@ import torch
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
+import scalegpt.model.flops
 from scalegpt.model.config import ModelConfig
 from scalegpt.model.flops import (
+    LOSS_CHUNK_ELEMENTS,
     PEAK_FLOPS,
     activation_memory,
     count_params,
     deepspeed_zero2_model_states,
     flops_per_token,
+    loss_chunks,
+    loss_peak_bytes,
     mfu,
     peak_flops_for,
     zero_bucket_bytes,
     zero_model_states,
 )
 from scalegpt.model.gpt import GPT
+
+from allocations import peak_cpu_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -131,50 +138,58 @@ def test_activations_match_korthikanti() -> None:
     acts = activation_memory(config, b, precision="bf16", flash=False)
     assert acts.layer == s * b * h * (34 + 5 * a * s / h)
     assert acts.layer_input == 2 * s * b * h  # full recompute keeps the 16-bit block input
-    assert acts.logits == s * b * 100 * (12 + 2)
+    rows = s * b  # one loss chunk: fp32 logits and logsumexp's temporary, or in backward the fp32
+    # softmax and its 16-bit cast beside the head-weight and input gradients
+    assert acts.logits == max(rows * 100 * 8, rows * 100 * (4 + 2) + 100 * h * 2 + rows * h * 4)
     flash = activation_memory(config, b, precision="bf16", flash=True)
     no_dropout = activation_memory(ModelConfig(**{**config.__dict__, "dropout": 0.0}), b, flash=True)
     assert no_dropout.layer == s * b * h * 34 + 4 * a * s * b  # flash: no s² term, + output and log-sum-exp
     assert flash.layer < acts.layer
     assert acts.with_checkpointing < acts.without_checkpointing
     fp32 = activation_memory(config, b, precision="fp32", flash=False)
-    assert fp32.layer_input == 4 * s * b * h and fp32.logits == s * b * 100 * 16
+    assert fp32.layer_input == 4 * s * b * h and fp32.logits == max(
+        rows * 100 * 8, rows * 100 * 4 + 100 * h * 4 + rows * h * 4
+    )
+    assert loss_chunks(rows, 100) == (LOSS_CHUNK_ELEMENTS // 100, LOSS_CHUNK_ELEMENTS // rows)
 
 
-def _peak_allocated(fn) -> int:
-    """Peak bytes held by tensors that `fn` allocated, replayed from the torch profiler's allocation
-    events (a free of memory allocated before profiling started is ignored)."""
+def test_chunked_loss_peak_is_a_fraction_of_the_logits() -> None:
+    """gpt3-small at micro batch 8: the whole-logits loss held b·s·V·(12 + 2) bytes in bf16 (10.7 GiB);
+    the chunked one holds a few chunks of LOSS_CHUNK_ELEMENTS logits and the head's gradients."""
+    config = ModelConfig(n_layer=12, n_head=12, d_model=768, n_ctx=2048, vocab_size=50257)
+    rows = 8 * 2048
+    whole = rows * 50257 * (12 + 2)
+    chunked = loss_peak_bytes(config, rows, "bf16")
+    assert chunked == max(
+        LOSS_CHUNK_ELEMENTS // 50257 * 50257 * 8,
+        rows * (LOSS_CHUNK_ELEMENTS // rows) * 6 + 50257 * 768 * 2 + rows * 768 * 4,
+    )
+    assert whole / chunked > 25
+
+
+def _peak_allocated(fn: Callable[[], None]) -> int:
+    """Peak bytes held by tensors that `fn` allocated."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events: list[tuple[int, int, int]] = []
-
-    def walk(nodes) -> None:
-        for node in nodes:
-            extra = node.extra_fields
-            if type(extra).__name__ == "_ExtraFields_Allocation" and str(extra.device) == "cpu":
-                events.append((node.start_time_ns, extra.ptr, extra.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live: dict[int, int] = {}
-    held = peak = 0
-    for _, ptr, size in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            held += size
-            peak = max(peak, held)
-        elif ptr in live:
-            held -= live.pop(ptr)
-    return peak
+    return peak_cpu_bytes(prof)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["saved", "recompute"])
-def test_activation_prediction_matches_measured_cpu_peak(precision: str, checkpointing: bool) -> None:
+@pytest.mark.parametrize("regime", ["layers", "loss"])
+def test_activation_prediction_matches_measured_cpu_peak(
+    precision: str, checkpointing: bool, regime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One forward/backward of the real model (cast to the training dtype, as DeepSpeed does): the
     allocator's peak is within 12% of the prediction (parameter gradients, which the prediction
-    leaves to the model states, are small here)."""
-    config = ModelConfig(n_layer=2, n_head=4, d_model=64, n_ctx=128, vocab_size=256)
+    leaves to the model states, are small here). Two regimes: the blocks' activations dominate
+    (vocabulary 256), or the loss does (vocabulary 4096, in 8 chunks of 64 rows and 8 slices of 512
+    entries). Where a block recomputed in backward dominates, the prediction is an upper bound: it
+    keeps every tensor the block saves alive beside its gradients in flight (measured 0.79-0.90)."""
+    vocab = 256 if regime == "layers" else 4096
+    if regime == "loss":
+        monkeypatch.setattr(scalegpt.model.flops, "LOSS_CHUNK_ELEMENTS", 2**18)
+    config = ModelConfig(n_layer=2, n_head=4, d_model=64, n_ctx=128, vocab_size=vocab)
     micro = 4
     torch.manual_seed(0)
     model = GPT(config).to(torch.float32 if precision == "fp32" else torch.bfloat16)
@@ -189,4 +204,5 @@ def test_activation_prediction_matches_measured_cpu_peak(precision: str, checkpo
     model.zero_grad(set_to_none=True)
     measured = _peak_allocated(step)
     predicted = activation_memory(config, micro, precision=precision, flash=True).peak(checkpointing)
-    assert 0.88 < measured / predicted < 1.12, f"measured {measured:,} vs predicted {predicted:,.0f}"
+    low = 0.75 if regime == "layers" and checkpointing else 0.88
+    assert low < measured / predicted < 1.12, f"measured {measured:,} vs predicted {predicted:,.0f}"

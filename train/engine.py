@@ -7,11 +7,11 @@ clipping are all DeepSpeed's; we hand-write none of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,12 +35,26 @@ class DistEnv:
         return self.rank == 0
 
 
-def resolve_device(cfg: Config) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    return cfg.train.device
+def pick_device(name: str, *, key: str = "--device", present: bool = True) -> torch.device:
+    """The one place a device name becomes a torch.device: 'auto' is cuda when a GPU is visible, else cpu.
+
+    An unknown name, or a GPU asked for on a machine without one, is a UserError naming `key` (the option
+    or config key the user set). `present=False` skips the second check: a dry run describes a GPU job from
+    a machine that has none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"unknown device {name!r} for {key}; use auto, cpu, cuda or cuda:N") from exc
+    if present and dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={name}, but this machine has no CUDA GPU; use {key}=cpu or {key}=auto")
+    return dev
+
+
+def resolve_device(cfg: Config, *, present: bool = True) -> str:
+    """'cpu' or 'cuda' for train.device; which GPU is the launcher's choice (LOCAL_RANK)."""
+    return pick_device(cfg.train.device, key="train.device", present=present).type
 
 
 def adopt_launcher_env() -> None:
@@ -64,28 +78,54 @@ def adopt_launcher_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def shm_buffer_path(rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU all-reduce creates for `rank` (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def skip_shm_comm_build() -> None:
+    """Keep deepspeed.init_distributed from JIT-compiling its shared-memory op with gcc on CPU.
+
+    The op (deepspeed_shm_comm) serves only DeepSpeed's inference all-reduce; the all-reduce ZeRO calls is
+    plain torch.distributed (gloo here). DeepSpeed builds it only when its table of compatible ops says
+    so (comm/torch.py, build_shm_op), and that table is one dict cached in deepspeed.ops, so marking
+    the op incompatible there skips the build, its /dev/shm buffers, and the compiler."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-def release_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it, so every job on
-    a new port leaves them behind until memory runs out (270 of them, 18 GB, took down this machine). Once
-    every rank has mapped every file, which init_distributed has done on all ranks by the barrier, the
-    names can go: the mappings stay valid until the processes exit, and nothing outlives them."""
-    torch.distributed.barrier()
-    with contextlib.suppress(FileNotFoundError):  # a multi-node run, which does not use the shm path
-        shm_buffer_path(rank).unlink()
+def compiled_ops_note(cfg: Config) -> str | None:
+    """What the config needs compiled at start-up, or None: the default path compiles nothing."""
+    if not cfg.train.cpu_offload:
+        return None
+    return (
+        "train.cpu_offload=true steps the optimizer with DeepSpeed's CPU Adam, which DeepSpeed compiles at "
+        "start-up with the host C++ compiler (c++, or $CXX) and ninja, unless it was installed prebuilt "
+        "(DS_BUILD_CPU_ADAM=1 pip install deepspeed)"
+    )
+
+
+def check_build_tools(cfg: Config) -> None:
+    """A one-line error, before any work, when the config needs a compiled op this machine cannot build."""
+    note = compiled_ops_note(cfg)
+    if note is None:
+        return
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("cpu_adam", False):
+        return
+    missing = [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(
+            f"{note}; this machine has no {' or '.join(missing)}: install them (apt-get install g++; "
+            "pip install ninja) or set train.cpu_offload=false"
+        )
 
 
 def init_distributed(cfg: Config) -> DistEnv:
-    """Join (or create) the process group: gloo on CPU, nccl on GPU."""
+    """Join (or create) the process group: gloo on CPU, nccl on GPU. Nothing is compiled here."""
     device = resolve_device(cfg)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     adopt_launcher_env()
+    check_build_tools(cfg)
     import deepspeed
 
     rank, local_rank, world = (
@@ -98,11 +138,22 @@ def init_distributed(cfg: Config) -> DistEnv:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
-    if device == "cpu":
-        release_shm_buffer(rank)
+    else:
+        skip_shm_comm_build()  # the CUDA accelerator has no such op to build
+    deepspeed.init_distributed(**dist_kwargs(cfg, device))
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def dist_kwargs(cfg: Config, device: str) -> dict[str, Any]:
+    """deepspeed.init_distributed's arguments. The time-out bounds every collective, and a rank that waits
+    at a barrier while rank 0 alone converts or writes a big checkpoint waits under it too; DeepSpeed's
+    default of 10 minutes is too short for that on big models."""
+    return {
+        "dist_backend": "gloo" if device == "cpu" else "nccl",
+        "auto_mpi_discovery": False,
+        "timeout": timedelta(minutes=cfg.train.dist_timeout_minutes),
+    }
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -131,10 +182,11 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation:
         "eps": o.eps,
         "weight_decay": o.weight_decay,
     }
-    if device == "cpu" and not t.cpu_offload:
-        adam["torch_adam"] = True  # DeepSpeed's FusedAdam needs CUDA; torch's AdamW is the CPU path
-        # torch's fused CPU kernel: one pass over each flat ZeRO partition instead of a dozen whole-tensor
-        # ops; gpt3-small's CPU step drops from 4.5 to 3.0 s (bench/RESULTS.md)
+    if not t.cpu_offload:
+        # torch's AdamW, not DeepSpeed's FusedAdam, which is compiled with nvcc at start-up and so needs a
+        # CUDA toolkit on every GPU node; torch's fused kernel does one pass over each flat ZeRO partition,
+        # on CUDA as on CPU (gpt3-small's CPU step drops from 4.5 to 3.0 s against the unfused one).
+        adam["torch_adam"] = True
         adam["fused"] = True
     ds: dict[str, Any] = {
         "train_batch_size": t.micro_batch * gas * world_size,
@@ -143,13 +195,23 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation:
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": adam},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 needs no loss scale, so the overflow check before every step only costs a host sync (an
+        # all-reduce and .item()); a NaN still shows in the loss, which stops the run.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every micro step; we time steps ourselves.
+        "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": False},
     }
     ds = merge_passthrough(ds, dict(cfg.deepspeed))
+    if accumulates_in_bf16(cfg, gas):
+        # DeepSpeed sums micro batches' gradients in the model's dtype by default: in bf16, 8 bits of
+        # mantissa, the small gradients of later micro batches round away. Sum them in fp32 instead (ZeRO-2
+        # keeps this rank's gradient partition in fp32: 2 more bytes per parameter / world size). A numeric
+        # default, not a Config value: the pass-through may set data_types.grad_accum_dtype itself.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if t.zero_stage in (1, 2):
         # DeepSpeed's default buckets hold 5e8 elements each whatever the model; a bucket larger than the
         # model only costs memory (3.7 GB of empty fp32 buffers for the smoke model), so cap it there.
@@ -158,6 +220,13 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation:
         ds["zero_optimization"].setdefault("reduce_bucket_size", bucket)
         ds["zero_optimization"].setdefault("allgather_bucket_size", bucket)
     return ds
+
+
+def accumulates_in_bf16(cfg: Config, gas: int) -> bool:
+    """Whether a bf16 step can sum several micro batches: now (gas > 1) or later in the batch ramp. ZeRO
+    stages 1 to 3 take an fp32 accumulation dtype; DeepSpeed refuses it without ZeRO."""
+    t = cfg.train
+    return t.precision == "bf16" and t.zero_stage > 0 and (gas > 1 or cfg.schedule.ramp_tokens > 0)
 
 
 def merge_passthrough(ours: dict[str, Any], extra: dict[str, Any], prefix: str = "deepspeed") -> dict[str, Any]:
@@ -186,6 +255,7 @@ def build_engine(cfg: Config, model: GPT, env: DistEnv, *, load_universal: bool 
     if load_universal:
         ds["checkpoint"]["load_universal"] = True
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.compiled = cfg.train.compile  # the attention kernel choice reads it (model/attention.py)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds
     )
