@@ -205,3 +205,18 @@ def test_sampler_errors(prepared: Path, tmp_path: Path) -> None:
         Mixture(prepared, N_CTX, 0, tokenizer_hash="0" * 64)
     with pytest.raises(UserError, match="no source 'nope'"):
         Mixture(prepared, N_CTX, 0).val_batches("nope", 1, 1)
+
+
+def test_a_run_samples_with_its_own_weights_not_prepares(prepared: Path) -> None:
+    """prepare planned 0.5/0.3/0.2; a run's config (file plus overrides) decides what is drawn."""
+    run_yaml = prepared.parent / "run.yaml"
+    cfg = load_config(run_yaml, ["data.sources.0.weight=0.1", "data.sources.2.weight=0.6"])
+    m = Mixture.for_config(cfg)
+    assert m.weights.tolist() == pytest.approx([0.1, 0.3, 0.6])
+    n = 4 * m.block  # whole blocks: each source within one sample of its share
+    counts = m.source_counts(np.arange(n))
+    assert sum(counts.values()) == n
+    assert all(abs(counts[name] - w * n) <= 1 for name, w in {"many": 0.1, "long": 0.3, "prose": 0.6}.items())
+    renamed = load_config(run_yaml, ["data.sources.1.name=short"])
+    with pytest.raises(UserError, match="unknown: \\['short'\\], missing: \\['long'\\]"):
+        Mixture.for_config(renamed)

@@ -302,13 +302,13 @@ def test_builtin_preset_matches_smoke_sizes() -> None:
 
 
 def test_a_spawned_worker_loads_the_tokenizer_itself(tokenizer_path: Path) -> None:
-    """Forked map workers inherit the tokenizer; a spawned one (macOS, Windows) reads the scratch copy."""
-    from scalegpt.train.data.prepare import read, workers
+    """Forked workers inherit the tokenizer; a spawned one (macOS, Windows) reads the scratch copy."""
+    from scalegpt.train.data.prepare import workers
 
-    rows = pa.Table.from_batches([read.row_batch(3, [(["hello world", "\nagain"], [False, True])])])
-    out = workers.encode_rows(rows, "not-inherited", str(tokenizer_path), 0, "uint16")
+    out = workers.encode_rows(
+        [(["hello world", "\nagain"], [False, True])], "not-inherited", str(tokenizer_path), 0, "uint16"
+    )
     tok = load_tokenizer(tokenizer_path)
-    assert out.column("ids").to_pylist() == [tok.encode("hello world\nagain").ids + [0]]
-    assert out.column("src").to_pylist() == [3] and out.column("nbytes").to_pylist() == [17]
-    assert out.column("doc_ends").to_pylist() == [[len(out.column("ids").to_pylist()[0])]]
+    assert out.ids.tolist() == tok.encode("hello world\nagain").ids + [0]
+    assert out.nbytes == 17 and out.doc_ends.tolist() == [len(out.ids)] and out.doc_bytes.tolist() == [17]
     workers.WORKER_TOKENIZERS.pop("not-inherited")

@@ -2,8 +2,8 @@
 
 GPT-3 draws each training sequence from source i with probability weight_i (Table 2.2), and within a
 source samples without replacement until an epoch boundary (Appendix B). Here sample g is a pure
-function of (seed, g, manifest, weights): no state, no RNG stream, so any rank can compute any sample,
-and world size, micro batch and resume cannot change the order.
+function of (seed, g, manifest, weights, stages): no state, no RNG stream, so any rank can compute any
+sample, and world size, micro batch and resume cannot change the order.
 
 - Source choice is stratified: within each block of B samples, source i gets exactly its apportioned
   share (Hamilton's largest-remainder rule on the cumulative count, so counts over any prefix of whole
@@ -11,6 +11,9 @@ and world size, micro batch and resume cannot change the order.
 - A source's k-th sample is window perm_e(k mod W) of epoch e = k // W, where W windows of n_ctx+1
   tokens tile the train split (adjacent windows share one token, so each token is a target once per
   epoch) and perm_e is a keyed Feistel permutation: O(1) memory even for a 400B-token source.
+- Stages change the weights from a token boundary on. Each stage is stratified on its own, counting
+  positions from its first sample, and a source's k in a stage starts where the stages before it left
+  off (a closed form of their counts), so a source's order runs on across boundaries.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +32,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so `scalegpt prepare` starts faster
     import torch
+
+    from ..config import Config
 
 from ..errors import UserError
 from .tokenizer import file_sha256, load_tokenizer, tokenizer_hash
@@ -140,11 +147,148 @@ def feistel(x: np.ndarray, n: int, key: np.ndarray) -> np.ndarray:
 # --- the sampler ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Mixture weights from a token boundary on: sample g is in the last stage whose start_tokens
+    g x n_ctx has reached. A source the weights leave out is not drawn in that stage."""
+
+    start_tokens: int
+    weights: dict[str, float]
+
+
+class _Stratum:
+    """One set of weights laid out over consecutive samples: the stratified block layout of one stage,
+    indexed by the sample's position within that stage."""
+
+    def __init__(self, names: list[str], weights: np.ndarray, block_seed: np.ndarray) -> None:
+        self.names = names
+        self.weights = weights
+        self.wq = _quantize(weights)
+        self.block = self._block_size()
+        self.block_seed = block_seed
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # the prefetch thread and the step log both resolve samples; the cache is not safe to share unlocked
+        self._lock = threading.Lock()
+
+    def _block_size(self) -> int:
+        """Samples per stratification block: enough that every drawn source gets at least 2 in each."""
+        block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self.wq[self.wq > 0].min())))
+        if block > _BLOCK_MAX:
+            small = self.names[int(np.argmin(np.where(self.weights > 0, self.weights, np.inf)))]
+            raise UserError(
+                f"the weight of source {small!r} is under {2 / _BLOCK_MAX:.1g} of the total, too small to "
+                f"stratify; raise it or drop the source"
+            )
+        return block
+
+    def cum(self, blocks: np.ndarray) -> np.ndarray:
+        """Samples of each source among the first blocks*B samples: (len(blocks), n_sources)."""
+        n = blocks.astype(np.int64) * self.block
+        prod = n[:, None] * self.wq[None, :]
+        floor, frac = prod >> _WBITS, prod & (_WONE - 1)
+        spare = n - floor.sum(axis=1)  # below the count of non-zero remainders, so no unweighted source gets one
+        order = np.argsort(-frac, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
+        return floor + (rank < spare[:, None])
+
+    def layout(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """block_layouts through a small cache: training reads consecutive indices, so one block's
+        layout serves many batches. Pure, so caching cannot change a sample."""
+        if len(blocks) == 0:
+            return np.zeros((0, self.block), np.int64), np.zeros((0, self.block), np.int64)
+        with self._lock:
+            missing = [int(b) for b in blocks if int(b) not in self._cache]
+            if missing:
+                src, ordinal = self.block_layouts(np.array(missing, dtype=np.int64))
+                for j, b in enumerate(missing):
+                    self._cache[b] = (src[j], ordinal[j])
+            pairs = [self._cache[int(b)] for b in blocks]
+            while len(self._cache) > max(_CACHE_BLOCKS, len(blocks)):
+                self._cache.popitem(last=False)
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def block_layouts(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each block: the source of each of its B positions, and that sample's ordinal within its
+        source. Sources get their apportioned counts in keyed pseudo-random positions; a source's
+        ordinals increase with the position, so its samples run in order and an epoch ends before
+        the next begins."""
+        before = self.cum(blocks)
+        count = self.cum(blocks + 1) - before
+        bounds = np.cumsum(count, axis=1)  # (U, k): slot ranges of each source
+        u, b, k = len(blocks), self.block, len(self.names)
+        keys = np.repeat(_key(self.block_seed, blocks), b)
+        slots = feistel(np.tile(np.arange(b), u), b, keys).astype(np.int64).reshape(u, b)
+        row = np.arange(u)[:, None]
+        src = np.searchsorted((bounds + row * (b + 1)).ravel(), (slots + row * (b + 1)).ravel(), side="right")
+        src = src.reshape(u, b) - row * k
+        order = np.argsort(src, axis=1, kind="stable")  # grouped by source, positions ascending
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(b), (u, b)), axis=1)
+        first = np.take_along_axis(bounds - count, src, axis=1)  # start of each position's group
+        ordinal = np.take_along_axis(before, src, axis=1) + rank - first
+        return src, ordinal
+
+    def locate(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, ordinal within the source's draws in this stratum) of positions within it."""
+        blocks, pos = np.divmod(local, self.block)
+        uniq, inv = np.unique(blocks, return_inverse=True)
+        src_at, ordinal_at = self.layout(uniq)
+        return src_at[inv, pos], ordinal_at[inv, pos]
+
+    def counts(self, n: int) -> np.ndarray:
+        """Samples of each source among this stratum's first n positions."""
+        full, rest = divmod(int(n), self.block)
+        out = self.cum(np.array([full]))[0]
+        if rest:
+            src, _ = self.layout(np.array([full]))
+            out = out + np.bincount(src[0, :rest], minlength=len(self.names))
+        return out
+
+
+def _quantize(w: np.ndarray) -> np.ndarray:
+    """Weights as integers summing to exactly 2^24 (largest remainders get the spare units); a zero
+    weight stays zero."""
+    scaled = w * _WONE
+    q = np.floor(scaled).astype(np.int64)
+    order = np.argsort(-(scaled - q), kind="stable")
+    order = order[w[order] > 0]
+    spare = _WONE - int(q.sum())  # in [0, n) up to float rounding, which the loop absorbs
+    for k in range(abs(spare)):
+        q[order[k % len(order)] if spare > 0 else order[-1 - k % len(order)]] += 1 if spare > 0 else -1
+    if q[w > 0].min() < 1:
+        raise UserError(f"a mixture weight below 2^-{_WBITS} of the total cannot be sampled; raise it")
+    return q
+
+
+_ID_CHECK_TOKENS = 1 << 26
+"""A token file up to this size is scanned whole at load (a fraction of a second); a larger one in 64
+evenly spaced slices of 1M tokens, so that a start never reads hundreds of GB just to check."""
+
+
+def _check_ids(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
+    """Ids at or above the vocabulary mean a damaged or foreign file of the right size; found at load,
+    they are reported as such instead of failing in the embedding at step 1."""
+    if len(tokens) <= _ID_CHECK_TOKENS:
+        top = int(tokens.max(initial=0))
+    else:
+        starts = np.linspace(0, len(tokens) - (1 << 20), 64, dtype=np.int64)
+        top = max(int(tokens[s : s + (1 << 20)].max()) for s in starts)
+    if top >= vocab_size:
+        raise UserError(
+            f"token file {path} is corrupt: it holds id {top}, but the tokenizer has {vocab_size} tokens; "
+            "re-run scalegpt prepare"
+        )
+
+
 class Mixture:
     """Global sample index -> (source, n_ctx+1 tokens), over the token files of one prepared data.dir.
 
-    weights default to those recorded by `scalegpt prepare`; pass tokenizer_hash to insist that the data
-    were made by that tokenizer (e.g. the one saved in a run directory being resumed).
+    weights default to those recorded by `scalegpt prepare`; a run builds its mixture with for_config,
+    from its own resolved config. stages change the weights at token boundaries: within a stage the
+    sources are stratified as above, and each source's ordinals continue from the draws of the stages
+    before, so its order runs on across a boundary. Pass tokenizer_hash to insist that the data were made
+    by that tokenizer (e.g. the one saved in a run directory being resumed).
     """
 
     def __init__(
@@ -154,6 +298,7 @@ class Mixture:
         seed: int,
         weights: dict[str, float] | None = None,
         *,
+        stages: Sequence[Stage] = (),
         tokenizer_hash: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -170,16 +315,37 @@ class Mixture:
         )
         raw = np.array([self.raw_weights[n] for n in self.names], dtype=np.float64)
         self.weights: np.ndarray = raw / raw.sum()
-        self._wq = self._quantize(self.weights)
-        self.block = self._block_size()
+        """The first stage's normalized weights: validation weighs its per-source losses with them."""
         self._tokens = self._open_tokens()
         self._train = np.array([e["train"]["tokens"] for e in entries], dtype=np.int64)
         self.windows = self._windows()
         """Windows of n_ctx+1 tokens per epoch of each source's train split."""
         seed_key = _key(self.seed & _M64, 0x5EED)
-        self._block_seed = _key(seed_key, 0xB10C)
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.stages: list[Stage] = [Stage(0, dict(self.raw_weights)), *self._check_stages(stages)]
+        self.stage_weights: list[np.ndarray] = [self.weights, *(self._normalize(s) for s in self.stages[1:])]
+        """Each stage's weights, normalized, in the order of names."""
+        block_seed = _key(seed_key, 0xB10C)  # the first stage keeps the key a mixture without stages has
+        self._strata = [
+            _Stratum(self.names, w, block_seed if s == 0 else _key(block_seed, s))
+            for s, w in enumerate(self.stage_weights)
+        ]
+        self.block = self._strata[0].block
+        self.stage_starts = np.array([-(-s.start_tokens // self.n_ctx) for s in self.stages], dtype=np.int64)
+        """The global index of each stage's first sample: the first g with g x n_ctx >= start_tokens."""
+        self._offsets = self._stage_offsets()
         self._source_keys = np.array([int(_key(seed_key, _name_key(n))[0]) for n in self.names], dtype=np.uint64)
+
+    @classmethod
+    def for_config(
+        cls, cfg: Config, *, data_dir: str | Path | None = None, tokenizer_hash: str | None = None
+    ) -> Mixture:
+        """The mixture a run trains on: the run's own weights and stages (its resolved config, overrides
+        included) over the data in data_dir (default cfg.data.dir). A config that names no sources
+        samples with the weights recorded by `scalegpt prepare`."""
+        weights = {s.name: float(s.weight) for s in cfg.data.sources} or None
+        stages = [Stage(int(s.start_tokens), {k: float(v) for k, v in s.weights.items()}) for s in cfg.data.stages]
+        where = cfg.data.dir if data_dir is None else data_dir
+        return cls(where, cfg.model.n_ctx, cfg.run.seed, weights, stages=stages, tokenizer_hash=tokenizer_hash)
 
     def _read(self, tokenizer_hash: str | None) -> dict[str, Any]:
         """The manifest, checked: its tokenizer (and the expected one, if given) made every source."""
@@ -204,17 +370,6 @@ class Mixture:
                 )
         return manifest
 
-    def _block_size(self) -> int:
-        """Samples per stratification block: enough that every source gets at least 2 in each."""
-        block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self._wq.min())))
-        if block > _BLOCK_MAX:
-            small = self.names[int(np.argmin(self.weights))]
-            raise UserError(
-                f"the weight of source {small!r} is under {2 / _BLOCK_MAX:.1g} of the total, too small to "
-                f"stratify; raise it or drop the source"
-            )
-        return block
-
     def _windows(self) -> np.ndarray:
         windows = (self._train - 1) // self.n_ctx
         for i, name in enumerate(self.names):
@@ -235,6 +390,7 @@ class Mixture:
             if size != e["tokens"] * dtype.itemsize:
                 raise UserError(f"token file {path} is missing, truncated or changed; re-run scalegpt prepare")
             out.append(np.memmap(path, dtype=dtype, mode="r", shape=(e["tokens"],)))
+            _check_ids(out[-1], path, int(self.manifest["vocab_size"]))
         return out
 
     def _check_weights(self, weights: dict[str, float]) -> dict[str, float]:
@@ -250,77 +406,48 @@ class Mixture:
                 raise UserError(f"weight of source {name!r} must be a positive number, got {w!r}")
         return {n: float(w) for n, w in weights.items()}
 
-    @staticmethod
-    def _quantize(w: np.ndarray) -> np.ndarray:
-        """Weights as integers summing to exactly 2^24 (largest remainders get the spare units)."""
-        scaled = w * _WONE
-        q = np.floor(scaled).astype(np.int64)
-        order = np.argsort(-(scaled - q), kind="stable")
-        spare = _WONE - int(q.sum())  # in [0, n) up to float rounding, which the loop absorbs
-        for k in range(abs(spare)):
-            q[order[k % len(q)] if spare > 0 else order[-1 - k % len(q)]] += 1 if spare > 0 else -1
-        if q.min() < 1:
-            raise UserError(f"a mixture weight below 2^-{_WBITS} of the total cannot be sampled; raise it")
-        return q
+    def _check_stages(self, stages: Sequence[Stage]) -> list[Stage]:
+        out, last = [], 0
+        for s, stage in enumerate(stages, start=1):
+            unknown = sorted(set(stage.weights) - set(self.names))
+            if unknown:
+                raise UserError(f"stage {s} weighs {unknown}, which are not among the prepared sources {self.names}")
+            if stage.start_tokens <= last:
+                raise UserError(f"stage {s} starts at {stage.start_tokens} tokens; stage starts must increase from 1")
+            w = [stage.weights.get(n, 0.0) for n in self.names]
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+                raise UserError(f"stage {s} needs non-negative weights with at least one positive, got {stage.weights}")
+            out.append(Stage(int(stage.start_tokens), {n: float(x) for n, x in zip(self.names, w, strict=True)}))
+            last = stage.start_tokens
+        return out
+
+    def _normalize(self, stage: Stage) -> np.ndarray:
+        raw = np.array([stage.weights[n] for n in self.names], dtype=np.float64)
+        return raw / raw.sum()
+
+    def _stage_offsets(self) -> np.ndarray:
+        """Per stage, how many samples of each source the stages before it drew: a source's ordinals
+        continue from there, so its epoch order never restarts at a boundary."""
+        out = np.zeros((len(self._strata), len(self.names)), dtype=np.int64)
+        for s in range(1, len(self._strata)):
+            length = int(self.stage_starts[s] - self.stage_starts[s - 1])
+            out[s] = out[s - 1] + self._strata[s - 1].counts(length)
+        return out
 
     # -- index resolution --
-
-    def _cum(self, blocks: np.ndarray) -> np.ndarray:
-        """Samples of each source among the first blocks*B samples: (len(blocks), n_sources)."""
-        n = blocks.astype(np.int64) * self.block
-        prod = n[:, None] * self._wq[None, :]
-        floor, frac = prod >> _WBITS, prod & (_WONE - 1)
-        spare = n - floor.sum(axis=1)
-        order = np.argsort(-frac, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-        return floor + (rank < spare[:, None])
-
-    def _layout(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """_block_layouts through a small cache: training reads consecutive indices, so one block's
-        layout serves many batches. Pure, so caching cannot change a sample."""
-        if len(blocks) == 0:
-            return np.zeros((0, self.block), np.int64), np.zeros((0, self.block), np.int64)
-        missing = [int(b) for b in blocks if int(b) not in self._cache]
-        if missing:
-            src, ordinal = self._block_layouts(np.array(missing, dtype=np.int64))
-            for j, b in enumerate(missing):
-                self._cache[b] = (src[j], ordinal[j])
-        pairs = [self._cache[int(b)] for b in blocks]
-        while len(self._cache) > max(_CACHE_BLOCKS, len(blocks)):
-            self._cache.popitem(last=False)
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-    def _block_layouts(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each block: the source of each of its B positions, and that sample's ordinal within its
-        source. Sources get their apportioned counts in keyed pseudo-random positions; a source's
-        ordinals increase with the position, so its samples run in order and an epoch ends before
-        the next begins."""
-        before = self._cum(blocks)
-        count = self._cum(blocks + 1) - before
-        bounds = np.cumsum(count, axis=1)  # (U, k): slot ranges of each source
-        u, b, k = len(blocks), self.block, len(self.names)
-        keys = np.repeat(_key(self._block_seed, blocks), b)
-        slots = feistel(np.tile(np.arange(b), u), b, keys).astype(np.int64).reshape(u, b)
-        row = np.arange(u)[:, None]
-        src = np.searchsorted((bounds + row * (b + 1)).ravel(), (slots + row * (b + 1)).ravel(), side="right")
-        src = src.reshape(u, b) - row * k
-        order = np.argsort(src, axis=1, kind="stable")  # grouped by source, positions ascending
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(b), (u, b)), axis=1)
-        first = np.take_along_axis(bounds - count, src, axis=1)  # start of each position's group
-        ordinal = np.take_along_axis(before, src, axis=1) + rank - first
-        return src, ordinal
 
     def resolve(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source index, start offset in that source's token file) of each global sample index."""
         g = np.asarray(indices, dtype=np.int64).reshape(-1)
         if g.size and (g.min() < 0 or g.max() >= _MAX_SAMPLES):
             raise ValueError(f"sample indices must be in [0, {_MAX_SAMPLES}), got {g.min()}..{g.max()}")
-        blocks, pos = np.divmod(g, self.block)
-        uniq, inv = np.unique(blocks, return_inverse=True)
-        src_at, ordinal_at = self._layout(uniq)
-        src, ordinal = src_at[inv, pos], ordinal_at[inv, pos]
+        stage = np.searchsorted(self.stage_starts, g, side="right") - 1
+        src = np.empty(g.size, dtype=np.int64)
+        ordinal = np.empty(g.size, dtype=np.int64)
+        for s in np.unique(stage):
+            sel = stage == s
+            src[sel], local = self._strata[s].locate(g[sel] - self.stage_starts[s])
+            ordinal[sel] = local + self._offsets[s, src[sel]]
         start = np.empty(g.size, dtype=np.int64)
         for i in np.unique(src):
             sel = src == i
@@ -328,6 +455,12 @@ class Mixture:
             window = feistel(k, int(self.windows[i]), _key(self._source_keys[i], epoch))
             start[sel] = window.astype(np.int64) * self.n_ctx
         return src, start
+
+    def source_counts(self, indices: Sequence[int] | np.ndarray) -> dict[str, int]:
+        """How many of these global samples come from each source: what a step that trains on them draws."""
+        src, _ = self.resolve(indices)
+        counts = np.bincount(src, minlength=len(self.names))
+        return {name: int(counts[i]) for i, name in enumerate(self.names)}
 
     def _gather(self, src: np.ndarray, start: np.ndarray) -> np.ndarray:
         out = np.empty((src.size, self.n_ctx + 1), dtype=np.int64)
@@ -344,16 +477,22 @@ class Mixture:
         src, start = self.resolve(indices)
         return torch.from_numpy(self._gather(src, start))
 
+    def stage_counts(self, num_samples: int) -> np.ndarray:
+        """Samples of each source drawn in each stage among the first num_samples: (stages, sources)."""
+        if not 0 <= num_samples < _MAX_SAMPLES:
+            raise ValueError(f"num_samples must be in [0, {_MAX_SAMPLES}), got {num_samples}")
+        ends = np.append(self.stage_starts[1:], _MAX_SAMPLES)
+        out = np.zeros((len(self._strata), len(self.names)), dtype=np.int64)
+        for s, stratum in enumerate(self._strata):
+            n = min(int(num_samples), int(ends[s])) - int(self.stage_starts[s])
+            if n > 0:
+                out[s] = stratum.counts(n)
+        return out
+
     def consumed(self, num_samples: int) -> dict[str, dict[str, float]]:
         """Per source: samples, tokens (targets, n_ctx per sample) and epochs elapsed after the first
         num_samples global samples -- GPT-3 Table 2.2's last column."""
-        if not 0 <= num_samples < _MAX_SAMPLES:
-            raise ValueError(f"num_samples must be in [0, {_MAX_SAMPLES}), got {num_samples}")
-        full, rest = divmod(int(num_samples), self.block)
-        counts = self._cum(np.array([full]))[0].astype(np.float64)
-        if rest:
-            src, _ = self._layout(np.array([full]))
-            counts += np.bincount(src[0, :rest], minlength=len(self.names))
+        counts = self.stage_counts(num_samples).sum(axis=0).astype(np.float64)
         return {
             name: {
                 "samples": float(counts[i]),
@@ -404,15 +543,45 @@ class Mixture:
         return part["bytes"] / part["tokens"]
 
 
+REPEAT_LIMIT = 4.0
+"""Epochs of one source past which repeating it stops helping (Muennighoff et al. 2023, "Scaling
+Data-Constrained Language Models": up to about 4 epochs repeated tokens are worth nearly as much as new
+ones, and their value decays quickly after)."""
+
+
+def repeat_warnings(mixture: Mixture, num_samples: int) -> list[str]:
+    """A line for each source a run of num_samples samples would repeat more than REPEAT_LIMIT times."""
+    return [
+        f"warning: source {name!r} would be seen {use['epochs']:.3g} times, more than {REPEAT_LIMIT:g}: past "
+        f"about {REPEAT_LIMIT:g} epochs repeated data stops helping (Muennighoff et al. 2023); add data to it "
+        f"or lower its weight"
+        for name, use in mixture.consumed(num_samples).items()
+        if use["epochs"] > REPEAT_LIMIT
+    ]
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
+
+    return [line(cols), *(line(r) for r in rows)]
+
+
 def describe(mixture: Mixture, num_samples: int | None = None) -> str:
     """The mixture as GPT-3 Table 2.2: tokens, weight (as given and normalized) and, for a planned run of
-    num_samples samples, tokens drawn and epochs elapsed per source."""
+    num_samples samples, tokens drawn and epochs elapsed per source, per stage when there are stages."""
     total = sum(mixture.raw_weights.values())
     head = f"mixture of {len(mixture.names)} sources in {mixture.data_dir}"
     head += f"; weights sum to {total:.4g}, normalized to 1" if abs(total - 1.0) > 1e-9 else "; weights sum to 1"
+    staged = len(mixture.stages) > 1
     cols = ["source", "train tokens", "val tokens", "weight", "normalized"]
-    use = mixture.consumed(num_samples) if num_samples is not None else None
-    if use is not None:
+    cols += [f"stage {s}" for s in range(1, len(mixture.stages))]
+    by_stage = mixture.stage_counts(num_samples) if num_samples is not None else None
+    if by_stage is not None:
+        cols += [f"epochs s{s}" for s in range(len(mixture.stages))] if staged else []
         cols += ["planned tokens", "epochs"]
     rows = []
     for i, name in enumerate(mixture.names):
@@ -424,18 +593,18 @@ def describe(mixture: Mixture, num_samples: int | None = None) -> str:
             f"{mixture.raw_weights[name]:g}",
             f"{100 * mixture.weights[i]:.2f}%",
         ]
-        if use is not None:
-            row += [f"{int(use[name]['tokens']):,}", f"{use[name]['epochs']:.3g}"]
+        row += [f"{100 * w[i]:.2f}%" for w in mixture.stage_weights[1:]]
+        if by_stage is not None:
+            row += [f"{by_stage[s, i] / mixture.windows[i]:.3g}" for s in range(len(mixture.stages))] if staged else []
+            used = int(by_stage[:, i].sum())
+            row += [f"{used * mixture.n_ctx:,}", f"{used / mixture.windows[i]:.3g}"]
         rows.append(row)
-    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-
-    def line(cells: list[str]) -> str:
-        padded = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded)
-
-    out = [head, line(cols), *(line(r) for r in rows)]
+    out = [head, *_table(cols, rows)]
+    for s, stage in enumerate(mixture.stages[1:], start=1):
+        out.append(f"stage {s}: from {stage.start_tokens:,} tokens (sample {int(mixture.stage_starts[s]):,})")
     if num_samples is not None:
         out.append(
             f"planned run: {num_samples:,} samples x {mixture.n_ctx} tokens = {num_samples * mixture.n_ctx:,} tokens"
         )
+        out += repeat_warnings(mixture, num_samples)
     return "\n".join(out)

@@ -53,7 +53,7 @@ class Source:
     cfg: SourceConfig
     fingerprint: str
     files: list[Path] = field(default_factory=list)
-    dataset: Any = None  # kind == "hf": the datasets.Dataset
+    dataset: Any = None  # kind == "hf": the datasets.Dataset (IterableDataset when streaming)
 
 
 def _sha(obj: Any) -> str:
@@ -107,11 +107,19 @@ def expand_path(spec: str, source: str = "?") -> list[Path]:
     raise UserError(f"source {source!r}: path {shown} does not exist ({where})")
 
 
-def _load_hf(src: SourceConfig) -> Any:
+def _load_hf(src: SourceConfig) -> tuple[Any, dict[str, list[str]]]:
+    """The dataset split (a streaming IterableDataset when src.streaming), and the data files it reads
+    (for a hub dataset, URLs that name the revision: they fingerprint a streamed source)."""
     import datasets
 
+    files: dict[str, list[str]] = {}
     try:
-        ds = datasets.load_dataset(src.hf, src.hf_config, split=src.split)
+        if src.streaming:  # nothing downloaded or converted whole: files are read as they are iterated
+            builder = datasets.load_dataset_builder(src.hf, src.hf_config)
+            ds = builder.as_streaming_dataset(split=src.split)
+            files = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+        else:
+            ds = datasets.load_dataset(src.hf, src.hf_config, split=src.split)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -119,20 +127,25 @@ def _load_hf(src: SourceConfig) -> Any:
             f"(config {src.hf_config!r}, split {src.split!r}): {reason}. Check the name and the network "
             f"(or HF_HUB_OFFLINE); offline, point hf: at a local dataset folder"
         ) from exc
-    if not isinstance(ds, datasets.Dataset):
+    if not isinstance(ds, datasets.IterableDataset if src.streaming else datasets.Dataset):
         raise UserError(f"source {src.name!r}: {src.hf!r} split {src.split!r} is not a single dataset split")
-    if src.text_field not in ds.column_names:
+    if ds.features is not None:  # a streamed JSON dataset may not know its columns before it is read
+        _check_text_column(src, ds.features)
+    return ds, files
+
+
+def _check_text_column(src: SourceConfig, features: Any) -> None:
+    if src.text_field not in features:
         raise UserError(
             f"source {src.name!r}: dataset {src.hf!r} has no column {src.text_field!r} "
-            f"(columns: {', '.join(ds.column_names)}); set text_field"
+            f"(columns: {', '.join(features)}); set text_field"
         )
-    kind = getattr(ds.features[src.text_field], "dtype", None)
+    kind = getattr(features[src.text_field], "dtype", None)
     if kind not in ("string", "large_string"):
         raise UserError(
-            f"source {src.name!r}: column {src.text_field!r} of {src.hf!r} holds {ds.features[src.text_field]}, "
+            f"source {src.name!r}: column {src.text_field!r} of {src.hf!r} holds {features[src.text_field]}, "
             f"not text; set text_field to a text column"
         )
-    return ds
 
 
 def resolve(src: SourceConfig) -> Source:
@@ -154,16 +167,14 @@ def resolve(src: SourceConfig) -> Source:
         params = {"builtin": src.builtin, "mb": src.builtin_mb, "version": builtin.BUILTIN_VERSION}
         return Source(src.name, "builtin", f"builtin:{src.builtin}", src, _sha(params))
     if src.hf:
-        ds = _load_hf(src)
+        ds, data_files = _load_hf(src)
         local = Path(src.hf)
         stats = _file_stats(_visible_files(local)) if local.is_dir() else []
-        key = {
-            "hf": src.hf,
-            "config": src.hf_config,
-            "split": src.split,
-            "fp": ds._fingerprint,
-            "files": stats,
-        }
+        key: dict[str, Any] = {"hf": src.hf, "config": src.hf_config, "split": src.split}
+        if src.streaming:  # no Arrow cache, so no fingerprint of its own: the files it reads stand in
+            key.update(streaming=True, data_files=data_files, files=stats)
+        else:
+            key.update(fp=ds._fingerprint, files=stats)
         return Source(src.name, "hf", f"hf:{src.hf}", src, _sha(key), dataset=ds)
     assert src.path, "config validation guarantees exactly one of path, hf or builtin"
     if src.download:
@@ -290,9 +301,24 @@ def _parquet_documents(path: Path, field_: str) -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
-def _hf_documents(ds: Any, field_: str) -> Iterator[str]:
-    for table in ds.select_columns([field_]).with_format("arrow").iter(batch_size=1024):
-        yield from (t for t in table.column(0).to_pylist() if t is not None)
+def _hf_documents(ds: Any, src: SourceConfig) -> Iterator[str]:
+    field_ = src.text_field
+    if not src.streaming:
+        for table in ds.select_columns([field_]).with_format("arrow").iter(batch_size=1024):
+            yield from (t for t in table.column(0).to_pylist() if t is not None)
+        return
+    for batch in ds.iter(batch_size=1024):  # one batch of records in memory at a time
+        if field_ not in batch:
+            raise UserError(
+                f"source {src.name!r}: dataset {src.hf!r} has no field {field_!r} (found: {', '.join(batch)}); "
+                f"set text_field"
+            )
+        for text in batch[field_]:
+            if text is not None and not isinstance(text, str):
+                kind = type(text).__name__
+                raise UserError(f"source {src.name!r}: field {field_!r} of {src.hf!r} holds {kind}, not text")
+            if text is not None:
+                yield text
 
 
 def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: ReadStats) -> Iterator[Fragment]:
@@ -303,7 +329,7 @@ def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: Re
         if source.kind == "builtin":
             yield from (iter([d]) for d in builtin.generate(source.cfg.builtin or "", source.cfg.builtin_mb))
         elif source.kind == "hf":
-            yield from (iter([d]) for d in _hf_documents(source.dataset, source.cfg.text_field))
+            yield from (iter([d]) for d in _hf_documents(source.dataset, source.cfg))
         else:
             for path in source.files:
                 kind = _format(path)
@@ -314,6 +340,8 @@ def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: Re
                 else:
                     yield from (iter([d]) for d in _parquet_documents(path, source.cfg.text_field))
 
+    max_docs, max_bytes = source.cfg.max_documents, (source.cfg.max_mb or 0) * 1e6
+    n_bytes = 0
     for doc in whole_docs():
         pending: str | None = None
         for piece in doc:
@@ -322,8 +350,11 @@ def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: Re
             if pending is not None:
                 yield pending, False
             pending = piece
+            n_bytes += len(piece.encode("utf-8")) if max_bytes else 0
         if pending is None:
             stats.empty += 1
         else:
             stats.documents += 1
             yield pending, True
+            if (max_docs and stats.documents >= max_docs) or (max_bytes and n_bytes >= max_bytes):
+                return  # closes the reader: a streamed dataset is read no further

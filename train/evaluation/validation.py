@@ -2,8 +2,9 @@
 
 Bits per byte is the loss in bits divided by the bytes each token stands for, so it compares models
 with different tokenizers (GPT-3 reports perplexity per token only, which does not transfer across
-vocabularies). The windows are the ones the trainer's own evaluation reads (Mixture.val_batches), so
-the figures match metrics.jsonl's val_loss and val_bpb for the same weights and batch count.
+vocabularies). The windows are the ones the trainer's own evaluation reads (Mixture.val_batches), and the
+mixture's figure weighs the sources with the run's own weights (its config.yaml, not prepare's), so the
+figures match metrics.jsonl's val_loss and val_bpb for the same batch count.
 """
 
 from __future__ import annotations
@@ -33,12 +34,24 @@ def open_validation_data(
             raise UserError(
                 f"no prepared data at {where} (no manifest.json); run `scalegpt prepare CONFIG` or pass --data-dir"
             )
-        mixture = Mixture(where, cfg.model.n_ctx, cfg.run.seed, tokenizer_hash=tokenizer_hash(tokenizer))
+        expect = tokenizer_hash(tokenizer)
+        if _run_weights_apply(cfg, where):
+            mixture = Mixture.for_config(cfg, data_dir=where, tokenizer_hash=expect)
+        else:  # other data than the run trained on (--data-dir): its sources weighed as prepared
+            mixture = Mixture(where, cfg.model.n_ctx, cfg.run.seed, tokenizer_hash=expect)
+            return mixture, f"validation on {where}, whose sources are not the run's: weighed as prepared"
     except UserError as exc:
         if explicit:
             raise
         return None, f"validation skipped: {exc}"
-    return mixture, f"validation on {where}"
+    return mixture, f"validation on {where}, weighed as the run was trained"
+
+
+def _run_weights_apply(cfg: Config, where: Path) -> bool:
+    """Whether the run's sources are the ones prepared in `where`, so that its weights can weigh them."""
+    manifest = read_manifest(where)
+    prepared = [e["name"] for e in manifest["sources"]] if manifest else []
+    return sorted(prepared) == sorted(s.name for s in cfg.data.sources)
 
 
 @torch.inference_mode()

@@ -1,45 +1,82 @@
 """`scalegpt prepare CONFIG`: sources -> tokenizer -> one memory-mapped token file per source + manifest.
 
-The work runs in three phases so that bad input never costs existing data:
+The work runs in three phases so that bad input never costs existing data, and streams, so that memory
+stays flat however large the corpus is:
 
-1. check and read (plan.py, read.py): resolve every source (missing paths, unknown corpora, an
-   unreachable Hub), read the sources that need work into one Arrow file of ~64 KB rows in a scratch
-   folder (invalid UTF-8 and empty sources are found here), and train the BPE on a weighted sample if
-   it is needed;
-2. tokenize (workers.py): one `datasets` map with num_proc workers over all those rows; documents are
-   packed with <|endoftext|> after each one (GPT-3 Appendix B); then every count and the
-   train/validation split are computed from the tokenized rows (accounting.py);
-3. write (write.py): tokenizer.json, the token files and the manifest, each atomically.
+1. check (plan.py): resolve every source (missing paths, unknown corpora, an unreachable Hub) and find
+   the tokenizer; when a BPE must be trained, read every source once into an Arrow file of ~64 KB rows in
+   a scratch folder and train it on a weighted sample (read.py);
+2. tokenize (workers.py, accounting.py): each stale source's rows, read straight from the source (or
+   from that Arrow file), go in small batches to num_proc worker processes; documents are packed with
+   <|endoftext|> after each one (GPT-3 Appendix B) and the ids go to the source's token file in the
+   scratch folder, with its document ends beside it; its counts, checks and train/validation split
+   come from those files;
+3. write (write.py): tokenizer.json, each finished token file renamed into place, and the manifest,
+   each atomically.
 
 data.dir is locked for the whole run (lock.py). A source whose fingerprint, settings and tokenizer match
 its manifest entry is left alone, so re-running with unchanged inputs does nothing, and a changed source
-is re-prepared alone.
+is re-prepared alone; what a killed run had finished is taken over (resume.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ...config import Config, load_config
+from ...errors import check_writable_dir
 from ...osutil import write_json_atomic
 from ..mixture import MANIFEST, Mixture, describe
 from ..tokenizer import save_tokenizer, token_byte_lengths
-from .accounting import summarize
+from .accounting import SourceTokens, summarize
 from .lock import Scratch
 from .plan import TOKENIZER_FILE, Echo, Plan, Tok, Work, make_plan, planned_samples
-from .read import PIECE_CHARS, ROW_CHARS, read_sources, train_tokenizer
-from .workers import quiet_datasets, tokenize
+from .read import (
+    PIECE_CHARS,
+    ROW_CHARS,
+    batched,
+    read_sources,
+    report,
+    source_rows,
+    stored_rows,
+    train_tokenizer,
+    work_rows,
+)
+from .resume import adopt, finished
+from .workers import Encoder, quiet_datasets
 from .write import write_all
 
 __all__ = ["PIECE_CHARS", "ROW_CHARS", "TOKENIZER_FILE", "planned_samples", "prepare", "prepare_command"]
 
 
+class Terminated(BaseException):
+    """SIGTERM during `scalegpt prepare`: a BaseException, like KeyboardInterrupt, so that no `except
+    Exception` on the way swallows it and every `finally` and `with` cleans up (workers, scratch, lock)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
 def prepare_command(args: argparse.Namespace) -> int:
-    """The CLI entry point (launch/cli.py dispatches `scalegpt prepare` here)."""
-    prepare(load_config(args.config, args.overrides))
+    """The CLI entry point (launch/cli.py dispatches `scalegpt prepare` here). SIGTERM stops it as cleanly
+    as Ctrl-C does (which the CLI reports as interrupted, exit 130), with exit 143."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_writable_dir(cfg.data.dir, "data.dir")
+        prepare(cfg)
+    except Terminated:
+        print("scalegpt: terminated; data.dir keeps only complete sources; re-run to finish", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -76,51 +113,62 @@ def _run(plan: Plan, stale: list[int], tok: Tok | None, echo: Echo) -> dict[str,
     indices = range(len(plan.sources)) if tok is None else stale
     work = [Work(i, plan.sources[i]) for i in indices]
     echo(f"preparing {len(work)} of {len(plan.sources)} sources into {plan.data_dir}")
+    chunk = PIECE_CHARS if plan.chunked else None
     with Scratch(plan.data_dir) as scratch:
         t0 = time.perf_counter()
-        ds = _read(plan, work, scratch, echo)
-        t_read = time.perf_counter() - t0
-        if tok is None:
-            tok, work = _train(plan, work, ds, echo)
-        table = _tokenize(plan, work, ds, tok, scratch.path, t_read, echo) if work else None
-        byte_len = token_byte_lengths(tok.tok)
-        spans, row = [], 0
-        for w in work:  # every count and check before the first write
-            spans.append((row, row + w.rows[1] - w.rows[0]))
-            w.entry = summarize(w, table, spans[-1], plan.cfg, byte_len)
-            w.entry.update(settings=plan.settings(w.index), tokenizer_hash=tok.hash)
-            row = spans[-1][1]
-        return write_all(plan, work, spans, table, tok, scratch, echo)
+        stored = None
+        if tok is None:  # the BPE needs a sample of every source before anything is tokenized
+            stored = scratch.path / "text.arrow"
+            read_sources(work, plan.cfg, chunk, stored, echo)
+            tok, work = _train(plan, work, stored, echo)
+        files = _tokenize(plan, work, tok, scratch, stored, echo)
+        mb, seconds = sum(w.chars for w in work) / 1e6, time.perf_counter() - t0
+        echo(
+            f"  read and tokenized {mb:.2f} MB in {seconds:.1f}s "
+            f"({mb / max(seconds, 1e-9):.2f} MB/s with up to {plan.cfg.data.num_proc} workers)"
+        )
+        return write_all(plan, work, files, tok, echo)
 
 
-def _read(plan: Plan, work: list[Work], scratch: Scratch, echo: Echo) -> Any:
-    """Phase 1: the rows of every worked source, as a dataset over an Arrow file in the scratch folder."""
+def _train(plan: Plan, work: list[Work], stored: Path, echo: Echo) -> tuple[Tok, list[Work]]:
+    """The BPE trained on the stored rows, and the sources it leaves stale (all, unless it came out as before)."""
     import datasets
 
-    text = scratch.path / "text.arrow"
-    read_sources(work, plan.cfg, PIECE_CHARS if plan.chunked else None, text, echo)
-    return datasets.Dataset.from_file(str(text))
-
-
-def _train(plan: Plan, work: list[Work], ds: Any, echo: Echo) -> tuple[Tok, list[Work]]:
-    """The BPE trained on the rows, and the sources it leaves stale (all, unless it came out as before)."""
-    tok = Tok.of(train_tokenizer(plan.cfg, work, ds, echo))
+    tok = Tok.of(train_tokenizer(plan.cfg, work, datasets.Dataset.from_file(str(stored)), echo))
     todo = set(plan.stale(tok.hash))
     if len(todo) < len(work):
         echo(f"  the tokenizer came out unchanged: {len(work) - len(todo)} source(s) are up to date")
     return tok, [w for w in work if w.index in todo]
 
 
-def _tokenize(plan: Plan, work: list[Work], ds: Any, tok: Tok, scratch: Path, t_read: float, echo: Echo) -> Any:
-    """Phase 2: the worked sources' rows tokenized, as an Arrow-formatted dataset."""
-    t1 = time.perf_counter()
-    rows = [r for w in work for r in range(*w.rows)]
-    subset = ds if len(rows) == len(ds) else ds.select(rows)
-    num_proc = plan.cfg.data.num_proc
-    out = tokenize(subset, tok.tok, tok.hash, plan.dtype, num_proc, scratch)
-    mb, t_tok = sum(w.chars for w in work) / 1e6, time.perf_counter() - t1
-    echo(
-        f"  read {mb:.2f} MB in {t_read:.1f}s, tokenized it in {t_tok:.1f}s "
-        f"({mb / max(t_tok, 1e-9):.2f} MB/s with up to {num_proc} workers)"
-    )
-    return out.with_format("arrow")
+def _tokenize(plan: Plan, work: list[Work], tok: Tok, scratch: Scratch, stored: Path | None, echo: Echo) -> list[Path]:
+    """Phase 2: each worked source's token file finished in the scratch folder, with its manifest entry
+    counted; every check passes before phase 3 changes data.dir. Sources read from `stored` when given."""
+    if not work:  # the BPE came out as before and every source is up to date
+        return []
+    cfg, byte_len = plan.cfg, token_byte_lengths(tok.tok)
+    chunk = PIECE_CHARS if plan.chunked else None
+    rows = stored_rows(stored) if stored is not None else None
+    consumed, files = 0, []
+    with Encoder(
+        tok.tok, tok.hash, tok.eot, plan.dtype, cfg.data.num_proc, scratch=scratch.path, lock_fd=scratch.lock_fd
+    ) as enc:
+        for w in work:
+            settings = {"settings": plan.settings(w.index), "tokenizer_hash": tok.hash}
+            done = adopt(scratch, w, settings, plan.dtype)
+            if done is not None:
+                files.append(done)
+                echo(f"  {w.source.name}: taking over the tokens an interrupted run had finished")
+                continue
+            source = work_rows(rows, consumed, w) if rows is not None else source_rows(w, cfg, chunk)
+            out = SourceTokens(scratch.path, w.source.name, plan.dtype)
+            for encoded in enc.map(batched(source)):
+                out.add(encoded)
+            out.finish()
+            consumed = w.rows[1]
+            if rows is None:
+                report(w, echo)  # an empty source stops the run here, before data.dir changes
+            w.entry = {**summarize(w, out, cfg, byte_len), **settings}
+            finished(out.path, w.entry, w.chars)
+            files.append(out.path)
+    return files

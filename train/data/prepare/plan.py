@@ -88,13 +88,17 @@ class Plan:
     def settings(self, i: int) -> dict[str, Any]:
         """Everything besides the inputs and the tokenizer that changes source i's token file."""
         source = self.sources[i]
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "val_fraction": self.cfg.data.val_fraction,
             "invalid_utf8": self.cfg.data.invalid_utf8,
             "text_field": source.cfg.text_field if source.kind != "builtin" else None,
             "chunked": self.chunked,
         }
+        for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
+            if getattr(source.cfg, key) is not None:
+                out[key] = getattr(source.cfg, key)
+        return out
 
     def old_entry(self, name: str) -> dict[str, Any] | None:
         return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)

@@ -1,10 +1,13 @@
-"""Phase 1: every source's documents into one Arrow file of rows, and the BPE trained on a sample of it."""
+"""Phase 1: every source's documents as rows of about ROW_CHARS characters, streamed straight to the
+workers when the tokenizer is known; when a BPE must be trained first, written once to an Arrow file in the
+scratch folder (the one copy of the input on disk), sampled for the BPE, then streamed back."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from ...errors import UserError
 from .. import sources as src_mod
 from ..tokenizer import split_safe, train_bpe
 from .plan import Echo, Work
+from .workers import Row
 
 ROW_CHARS = 1 << 16
 """Characters per row of the tokenization dataset: rows of equal size balance the map's workers, and a
@@ -28,6 +32,10 @@ PIECE_CHARS = 1 << 12
 ROW_SCHEMA = pa.schema([("src", pa.int32()), ("pieces", pa.list_(pa.string())), ("ends", pa.list_(pa.bool_()))])
 _BATCH_ROWS = 64
 """Rows per Arrow record batch written: small batches keep memory flat while reading a large source."""
+TASK_ROWS = 2
+"""Rows per batch sent to a worker (~128 KB of text): one encode_batch call each. While it encodes a batch,
+a worker holds ~200 bytes per byte of its text (GPT-2's BPE: ~110 MB for 512 KB, encodings and their
+alignments), so small batches keep the workers' peaks low and even."""
 
 
 def rows(frags: Iterator[src_mod.Fragment], chunk: int | None) -> Iterator[tuple[list[str], list[bool], int]]:
@@ -78,11 +86,37 @@ def read_sources(work: list[Work], cfg: Config, chunk: int | None, path: Path, e
             if buf:
                 writer.write_batch(row_batch(w.index, buf))
             w.rows = (start, n)
-            _report(w, echo)
+            report(w, echo)
     return n
 
 
-def _report(w: Work, echo: Echo) -> None:
+def source_rows(w: Work, cfg: Config, chunk: int | None) -> Iterator[Row]:
+    """The source's rows read straight from it, counting its characters into w.chars."""
+    frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+    for pieces, ends, size in rows(frags, chunk):
+        w.chars += size
+        yield pieces, ends
+
+
+def stored_rows(path: Path) -> Iterator[Row]:
+    """Every row of the Arrow file read_sources wrote, one record batch in memory at a time."""
+    with pa.OSFile(str(path), "rb") as f:
+        for batch in pa.ipc.open_stream(f):
+            yield from zip(batch.column("pieces").to_pylist(), batch.column("ends").to_pylist(), strict=True)
+
+
+def work_rows(stored: Iterator[Row], consumed: int, w: Work) -> Iterator[Row]:
+    """w's rows from the shared iterator over the stored rows, of which `consumed` were taken before."""
+    return itertools.islice(stored, w.rows[0] - consumed, w.rows[1] - consumed)
+
+
+def batched(items: Iterable[Row], n: int = TASK_ROWS) -> Iterator[list[Row]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def report(w: Work, echo: Echo) -> None:
     """An empty source stops the run; skipped lines of invalid UTF-8 are counted for the user."""
     s = w.stats
     if s.documents == 0:
