@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..train.errors import UserError
+from ..train.errors import UserError, check_writable_file
 from ..train.evaluation.fewshot import FEW, ShotResult, Shots, TaskPlan, plan_tasks, run_plans
 from ..train.evaluation.report import (
     fewshot_table,
@@ -67,8 +67,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[Task], list[Shots]]:
     ):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
-    if args.json_out is not None and Path(args.json_out).is_dir():
-        raise UserError(f"--json {args.json_out} is a directory; give a file name")
+    if args.json_out is not None:  # found now, not after the whole evaluation has run
+        check_writable_file(args.json_out, "--json")
     if args.lm_eval:
         from ..train.evaluation.harness import HAVE_LM_EVAL
 

@@ -29,8 +29,8 @@ from typing import Literal
 
 import psutil
 
-from ..train.config import Config, from_yaml_text, global_batch, load_config
-from ..train.errors import UserError
+from ..train.config import Config, global_batch, load_config, read_config_file
+from ..train.errors import QUIET_INTERRUPT, UserError, check_writable_dir
 from ..train.osutil import atomic_write, free_port
 
 Mode = Literal["procs", "gpus", "hostfile", "slurm"]
@@ -323,7 +323,7 @@ def _check_run_dir(cfg: Config) -> None:
 
     existing = Path(cfg.run.dir) / "config.yaml"
     if existing.is_file():
-        diffs = config_differences(from_yaml_text(existing.read_text()), cfg)
+        diffs = config_differences(read_config_file(existing), cfg)
         if diffs:
             raise UserError(
                 f"run.dir {cfg.run.dir} was made with a different config ({'; '.join(diffs[:4])}); "
@@ -378,8 +378,10 @@ def launch_command(args: argparse.Namespace) -> int:
             where = Path(cfg.run.dir).resolve() / "sbatch.sh"
             print(f"scalegpt: dry run: would write {where} and submit it with sbatch", file=sys.stderr)
         return 0
-    if launch.script is not None:
+    if mode != "hostfile":  # on this machine (or, for SLURM, where the script goes); a hostfile's nodes may differ
+        check_writable_dir(cfg.run.dir, "run.dir")  # here, not in every rank after minutes in a queue
         _check_run_dir(cfg)
+    if launch.script is not None:
         return submit(launch.script, cfg)
     if mode == "gpus":
         _check_gpus(args.gpus)
@@ -387,9 +389,41 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def run(launch: Launch) -> int:
-    """Start the launcher and wait; SIGTERM/SIGUSR1 go to the ranks so they save before exiting."""
+    """Start the launcher and wait; SIGTERM/SIGUSR1 go to the ranks so they save before exiting.
+
+    The launcher runs in its own process group, so the terminal's Ctrl-C reaches only this process:
+    DeepSpeed's launcher, interrupted itself, prints a traceback per process. This one passes the
+    interrupt to the ranks and waits for them, so none outlives the command."""
     print(f"scalegpt: launching: {launch.printable()}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env})
+    proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env, QUIET_INTERRUPT: "1"}, process_group=0)
+    try:
+        return _wait(proc)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while waiting is the same request
+        _interrupt(proc)
+        raise
+
+
+def _interrupt(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """Ctrl-C for the ranks (the launcher itself, when none runs here: pdsh). A rank blocked in a
+    collective whose peer has already stopped never sees it, so what is left after `grace_s` is killed."""
+    ranks = _rank_processes(proc.pid)
+    for target in ranks or [psutil.Process(proc.pid)]:
+        try:
+            target.send_signal(signal.SIGINT)
+        except psutil.Error:
+            continue
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        for rank in _rank_processes(proc.pid):
+            rank.kill()
+        proc.kill()
+        proc.wait()
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the launcher, handing SIGTERM/SIGUSR1 to the ranks meanwhile."""
 
     def forward(signum: int, _frame: object) -> None:
         """Hand SIGTERM/SIGUSR1 straight to the ranks: they finish the step, save and exit 0. (DeepSpeed's

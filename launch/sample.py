@@ -91,9 +91,29 @@ def _check_args(args: argparse.Namespace) -> None:
     pick_device(args.device)
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` when it is real Unicode; Python keeps undecodable argv and stdin bytes as lone surrogates,
+    which the tokenizer would reject with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{what} is not valid UTF-8 text (byte {exc.start}); pass text, not binary data") from exc
+    return text
+
+
+def _read_stdin() -> str:
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes underneath (a test's StringIO)
+        return _utf8(sys.stdin.read(), "the prompt on stdin")
+    try:
+        return raw.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the prompt on stdin is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
-        return [args.prompt]
+        return [_utf8(args.prompt, "--prompt")]
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -107,7 +127,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise UserError(f"--prompt-file {args.prompt_file} has no prompts (one per line; blank lines skip)")
         return prompts
     if sys.stdin is not None and not sys.stdin.isatty():
-        return [sys.stdin.read().removesuffix("\n")]
+        return [_read_stdin().removesuffix("\n")]
     return [""]
 
 

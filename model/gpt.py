@@ -130,6 +130,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.activation_checkpointing = False
+        self.z_loss = 0.0  # PaLM's auxiliary z-loss coefficient; set from outside, like activation_checkpointing
         self._loss = chunked_cross_entropy
         self.transformer = nn.ModuleDict(
             dict(
@@ -219,7 +220,7 @@ class GPT(nn.Module):
         w = self.transformer.wte.weight  # the output layer is tied to the token embedding
         if targets is None:
             return F.linear(x, w), None
-        return None, self._loss(x.reshape(B * T, -1), w, targets.reshape(-1))
+        return None, self._loss(x.reshape(B * T, -1), w, targets.reshape(-1), self.z_loss)
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", seed: int | None = None) -> GPT:

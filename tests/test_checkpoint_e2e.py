@@ -3,6 +3,7 @@ corruption. Every run is a real `scalegpt` process (or two ranks under DeepSpeed
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from scalegpt.train.checkpoint import checkpoint_dir, checkpoint_root, find_latest, read_meta, step_of, tag_for
+from scalegpt.train.checkpoint import (
+    checkpoint_dir,
+    checkpoint_root,
+    find_latest,
+    read_meta,
+    step_of,
+    tag_for,
+    write_latest,
+)
 
 from conftest import ROOT, TEN_STEPS
 from e2e import SMALL_DATA, SMOKE, fork_run, latest_step, losses, metrics, train
@@ -198,6 +207,55 @@ def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(
     assert proc.returncode == 2 and str(bad) in proc.stderr and "corrupt" in proc.stderr
     proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", "checkpoint.fallback=true")
     assert f"falling back to {tag_for(5)}" in proc.stderr and "at step 5 " in proc.stdout
+    warning = next(line for line in proc.stderr.splitlines() if "falling back" in line)
+    assert str(bad) in warning and "checkpoint.fallback=true" not in warning  # it is already set
+
+
+@pytest.mark.parametrize("damage", ["rng", "bit flip"])
+def test_damaged_rng_or_optimizer_file_is_named_as_corrupt(
+    reference_runs,  # noqa: ANN001
+    prepared: Path,
+    tmp_path: Path,
+    damage: str,
+) -> None:
+    """A flipped bit in an optimizer file still unpickles; the checksum recorded at save time catches it."""
+    run = fork_run(reference_runs(1), tmp_path / "run", 10)
+    if damage == "rng":
+        bad = checkpoint_dir(run, 10) / "rng_rank_0.pt"
+        bad.write_bytes(b"not a torch file")
+    else:
+        bad = checkpoint_dir(run, 10) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        bad.write_bytes(bytes(data))
+    proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(f"scalegpt: error: checkpoint file {bad} is corrupt")
+
+
+def test_a_refused_start_changes_nothing_on_disk(reference_runs, prepared: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    run = fork_run(reference_runs(1), tmp_path / "run", 10)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # a resumable change of max_steps, refused for another reason: config.yaml must keep the old value
+    proc = train(run, prepared, *TEN_STEPS, "train.max_steps=12", "checkpoint.resume=never", check=False)
+    assert proc.returncode == 2 and "checkpoint.resume=never" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    fresh = tmp_path / "fresh"
+    proc = train(fresh, prepared, *TEN_STEPS, f"checkpoint.resume={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr and not fresh.exists()
+
+
+def test_resume_truncates_metrics_to_the_checkpoint(reference_runs, prepared: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """A kill after step 8 of a run saved at 5 logged steps 6-8 once already: they are not logged twice."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_runs(1), run)
+    shutil.rmtree(checkpoint_dir(run, 10))
+    write_latest(run, 5)
+    kept = [m for m in metrics(run) if m["step"] <= 8]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept) + '{"step": 9, "lo')
+    train(run, prepared, *TEN_STEPS)
+    steps = [m["step"] for m in metrics(run)]
+    assert steps == list(range(0, 11)) and metrics(run)[:6] == kept[:6]
 
 
 def test_resume_never_refuses_existing_checkpoints(reference_runs, prepared: Path) -> None:  # noqa: ANN001

@@ -37,11 +37,12 @@ def test_batch_ramp_from_32k_tokens_to_full_batch() -> None:
     assert s.batch_size(2_000_000_000) == 128  # half way: (16 + 256) / 2 = 136 -> 2 accumulation steps
     assert s.batch_size(4_000_000_000) == 256  # the ramp ends at 4B tokens for Small
     assert s.batch_size(10**12) == 4 * s.batch_quantum  # the full batch: 4 accumulation steps
-    one_gpu = _small(world=1)  # 8 sequences per accumulation step: the ramp has fine steps
+    one_gpu = _small(world=1)  # schedule.ramp_quantum=64: the same batches on one GPU as on eight
     sizes = [one_gpu.batch_size(t) for t in range(0, 4_000_000_001, 250_000_000)]
-    assert sizes[0] == 16 and sizes[-1] == 256
+    assert sizes == [s.batch_size(t) for t in range(0, 4_000_000_001, 250_000_000)]
+    assert sizes[0] == 64 and sizes[-1] == 256
     assert all(a <= b for a, b in zip(sizes, sizes[1:], strict=False))
-    assert all(size % 8 == 0 for size in sizes)
+    assert all(size % 64 == 0 for size in sizes)
 
 
 def test_smoke_schedule_is_scaled_down() -> None:

@@ -65,6 +65,14 @@ def test_starting_over_a_different_run_is_an_error(fp32_runs: dict[int, Path], p
     assert "optim.lr" in proc.stderr and (fp32_runs[1] / "metrics.jsonl").read_text() == before
 
 
+def test_fp16_on_cpu_is_a_clean_error(prepared: Path, tmp_path: Path) -> None:
+    proc = train(tmp_path / "run", prepared, "train.precision=fp16", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "scalegpt: error: train.precision=fp16 needs a GPU"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_the_run_and_saves_nothing(prepared: Path, tmp_path: Path) -> None:
     proc = train(
         tmp_path,

@@ -4,6 +4,7 @@ Layout (RUN/checkpoints/):
     latest                 the newest complete tag, replaced by atomic rename after every rank wrote
     step_000200/           DeepSpeed's files (mp_rank_00_model_states.pt, zero_pp_rank_R_..._optim_states.pt)
         rng_rank_R.pt      every rank's RNG states
+        checksums_rank_R.json  SHA-256 of the files rank R wrote, checked on resume (a flipped bit unpickles fine)
         scalegpt.json      step, tokens, global sample index, world size, tokenizer hash, manifest hash
         config.yaml        the resolved config;  tokenizer.json  the tokenizer
     .universal/<tag>/      DeepSpeed universal checkpoint, made on demand when the world size changes
@@ -15,13 +16,14 @@ state), so DeepSpeed loads them with weights_only=False; our own files are JSON,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     samples: int = 0  # global sample index of the next training sequence
+    window: list[list[float]] = field(default_factory=list)  # the spike detector's recent (loss, grad norm)
 
 
 def tag_for(step: int) -> str:
@@ -155,6 +158,7 @@ def save(
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     path = root / tag
     torch.save(_rng_state(), path / f"rng_rank_{rank}.pt")
+    _write_checksums(path, rank)
     dist.barrier()
     if rank == 0:
         (path / "config.yaml").write_text(config_yaml)
@@ -168,10 +172,47 @@ def save(
     return path
 
 
+def _own_files(path: Path, rank: int) -> list[Path]:
+    """The files rank `rank` writes into a checkpoint (bf16 runs prefix the optimizer file with "bf16_")."""
+    files = sorted(path.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")) + [path / f"rng_rank_{rank}.pt"]
+    if rank == 0:
+        files.append(path / "mp_rank_00_model_states.pt")
+    return [f for f in files if f.is_file()]
+
+
+def _digest(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(path: Path, rank: int) -> None:
+    """Each rank records the SHA-256 of the files it wrote: a flipped bit in a weight or optimizer state
+    unpickles fine and only shows later as a diverging loss, so resume compares these instead."""
+    sums = {f.name: _digest(f) for f in _own_files(path, rank)}
+    atomic_write(path / f"checksums_rank_{rank}.json", json.dumps(sums, indent=1))
+
+
+def _verify_checksums(path: Path) -> None:
+    for record in sorted(path.glob("checksums_rank_*.json")):
+        for name, want in json.loads(record.read_text()).items():
+            f = path / name
+            if f.is_file() and _digest(f) != want:
+                raise CorruptCheckpoint(f, "its SHA-256 differs from the one recorded when it was saved")
+
+
 def _prune(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(checkpoint_root(run_dir) / ".universal" / old.name, ignore_errors=True)
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that cannot be trusted; `what` says which and why, without advice, so that the
+    fallback's warning can quote it."""
+
+    def __init__(self, file: Path, why: str, *, state: str = "corrupt") -> None:
+        self.what = f"checkpoint file {file} is {state} ({why})"
+        super().__init__(f"{self.what}; pass checkpoint.fallback=true to resume from the previous checkpoint")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -181,10 +222,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise UserError(f"{path} is not a scalegpt checkpoint ({META} is missing)") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"checkpoint file {meta_file} is corrupt ({exc}); pass checkpoint.fallback=true to "
-            "resume from the previous checkpoint"
-        ) from exc
+        raise CorruptCheckpoint(meta_file, str(exc)) from exc
 
 
 def verify_files(path: Path, world_size: int) -> None:
@@ -199,10 +237,23 @@ def verify_files(path: Path, world_size: int) -> None:
         try:
             torch.load(f, map_location="cpu", weights_only=False, mmap=True)
         except Exception as exc:  # truncated zip, bad pickle, ...
-            raise UserError(
-                f"checkpoint file {f} is corrupt or truncated ({type(exc).__name__}); pass checkpoint.fallback=true "
-                "to resume from the previous checkpoint"
-            ) from exc
+            raise CorruptCheckpoint(f, type(exc).__name__, state="corrupt or truncated") from exc
+    for r in range(world_size):
+        rng = path / f"rng_rank_{r}.pt"
+        if rng.is_file():
+            try:
+                _check_rng(torch.load(rng, map_location="cpu", weights_only=True))
+            except Exception as exc:  # a damaged zip, or tensors that are not an RNG state
+                raise CorruptCheckpoint(rng, f"not a saved RNG state: {type(exc).__name__}") from exc
+    _verify_checksums(path)
+
+
+def _check_rng(state: dict[str, torch.Tensor]) -> None:
+    """Decode an RNG state without applying it: what _set_rng_state would fail on, it fails on here."""
+    json.loads(bytes(state["numpy"].tolist()).decode())
+    json.loads(bytes(state["python"].tolist()).decode())
+    if state["torch"].dtype != torch.uint8:
+        raise ValueError("the torch RNG state is not bytes")
 
 
 def check_compatible(path: Path, cfg: Config, meta: dict[str, Any], tokenizer_hash: str, manifest_hash: str) -> None:
@@ -259,8 +310,9 @@ def choose_loadable(path: Path, cfg: Config, run_dir: Path) -> tuple[Path, dict[
             meta = read_meta(candidate)
             verify_files(candidate, int(meta["world_size"]))
             if candidate != path:
+                why = error.what if isinstance(error, CorruptCheckpoint) else str(error)
                 print(
-                    f"scalegpt: warning: {path.name} is unusable ({error}); falling back to {candidate.name}",
+                    f"scalegpt: warning: {path.name} is unusable ({why}); falling back to {candidate.name}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -359,7 +411,7 @@ def load(engine: Any, path: Path, *, universal: bool, rank: int, world_size: int
     _, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if client is None:
         raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
-    state = TrainState(**client["scalegpt"])
+    state = TrainState(**client["scalegpt"])  # checkpoints from before the spike window load with an empty one
     rng_file = path / f"rng_rank_{rank}.pt"
     if not universal and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -10,6 +10,7 @@ overrides. An unknown key, a wrong type or an inconsistent value fails at load t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,13 @@ class SourceConfig:
     """The dataset configuration name, if it has several."""
     split: str = "train"
     """The dataset split to read."""
+    streaming: bool = False
+    """Read the hf: dataset through `datasets`' streaming iterator: nothing is downloaded or cached whole,
+    so a dataset larger than the disk can be prepared (with max_documents or max_mb, a sample of it)."""
+    max_documents: int | None = None
+    """hf: sources only: stop after this many non-empty documents."""
+    max_mb: float | None = None
+    """hf: sources only: stop once this many MB (UTF-8) of documents have been read (the last one whole)."""
     builtin: str | None = None
     """Name of a built-in generated corpus (arithmetic, scramble, prose)."""
     builtin_mb: float = 2.0
@@ -59,9 +67,20 @@ class SourceConfig:
 
 
 @dataclass
+class StageConfig:
+    start_tokens: int = 0
+    """Training tokens after which these weights apply: sample g is in the stage once g x n_ctx reaches it."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Mixture weight per source name in this stage (normalized); a source left out is not drawn in it."""
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    """The mixture's sources."""
+    """The mixture's sources; their weights are the run's from its first token (prepare only plans with them)."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Later mixture stages, in order of start_tokens (e.g. the last 10% of tokens on the cleanest sources);
+    each source's sample order continues across a boundary."""
     dir: str = "prepared/default"
     """Where `scalegpt prepare` writes token files and manifest.json."""
     tokenizer: str = "bpe"
@@ -72,7 +91,7 @@ class DataConfig:
     val_fraction: float = 0.01
     """The last fraction of each source's documents (or tokens, for one long document) held out."""
     num_proc: int = 2
-    """Worker processes for tokenization (datasets.map num_proc)."""
+    """Worker processes that tokenize (each encodes batches with `tokenizers`' batch encoding)."""
     invalid_utf8: str = "skip"
     """'skip' drops undecodable lines and counts them; 'error' stops."""
 
@@ -105,6 +124,31 @@ class TrainConfig:
     dist_timeout_minutes: float = 60.0
     """How long a collective (or a barrier) may wait before the job fails; rank 0 alone converting or
     writing a big checkpoint keeps the others waiting."""
+    on_spike: str = "stop"
+    """What a loss spike (a non-finite loss or grad norm, or one far above the running window) does:
+    'stop' ends the run with an error and saves nothing for it; 'skip' drops that step's update (the
+    grad norm is read on the host every step: one device sync per step); 'rewind' goes back to the
+    last good checkpoint in the same process and skips the samples that led to the spike. 'stop' is the
+    default because a short experiment should show its instability, not hide it; the gpt3-* presets rewind."""
+    spike_window: int = 20
+    """Steps of loss and grad norm in the running window a step is compared with; none is judged
+    before the window is full (non-finite values always are)."""
+    spike_loss_ratio: float = 1.5
+    """A loss above this many times the window's median is a spike; 0 disables the loss test."""
+    spike_grad_ratio: float = 20.0
+    """A grad norm above this many times the window's median is a spike; 0 disables the test."""
+    spike_max_rewinds: int = 5
+    """on_spike=rewind gives up with an error after this many rewinds in one run directory."""
+    spike_lr_factor: float = 1.0
+    """After a rewind, multiply the learning rate by this for spike_lr_steps steps (1 keeps it)."""
+    spike_lr_steps: int = 0
+    """How many steps after a rewind the lowered learning rate lasts."""
+    inject_fault: str = ""
+    """A fire drill: 'nan@STEP', 'spike@STEP', 'crash@STEP' or 'hang@STEP' makes that fault happen once at
+    step STEP (recorded in RUN/faults.json, so a rewind or a resume does not fire it again)."""
+    step_timeout_s: float = 0.0
+    """Watchdog: a step (with its evaluation and save) that takes longer than this many seconds ends the run
+    with an error and a non-zero exit instead of a silent hang; 0 disables it."""
 
 
 @dataclass
@@ -121,20 +165,32 @@ class OptimConfig:
     """Decoupled weight decay on 2-D weight matrices (Appendix B)."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (Appendix B); 0 disables."""
+    z_loss: float = 0.0
+    """Coefficient of the auxiliary loss z_loss x log(Z)^2 that keeps the softmax normalizer near 1
+    (PaLM Section 5 uses 1e-4); 0 disables it, and the loss is then bit for bit the plain cross-entropy."""
 
 
 @dataclass
 class ScheduleConfig:
+    kind: str = "cosine"
+    """'cosine' (GPT-3 Appendix B) or 'wsd': warmup, flat at the peak until decay_start_tokens, then linear
+    down to the floor at decay_tokens (warmup-stable-decay; it pairs with a final data stage)."""
     warmup_tokens: int = 375_000_000
     """Linear warmup length in tokens (375M in Appendix B)."""
     decay_tokens: int = 260_000_000_000
-    """Cosine decay to min_lr_ratio of the peak over this many tokens, then flat (260B)."""
+    """Where the decay reaches min_lr_ratio of the peak (cosine: from the end of warmup), then flat (260B)."""
+    decay_start_tokens: int = 0
+    """wsd only: where the flat peak ends and the linear decay begins."""
     min_lr_ratio: float = 0.1
     """Floor of the cosine, as a fraction of the peak (10%)."""
     ramp_tokens: int = 0
     """Batch-size ramp length in tokens (4-12B in Appendix B); 0 disables the ramp."""
     ramp_start_tokens: int = 32_768
     """Batch size in tokens at the start of the ramp (32k in Appendix B)."""
+    ramp_quantum: int = 0
+    """The ramp's batch sizes are whole multiples of this many sequences, whatever the world size, so a
+    ramped run trains on the same batches on any number of processes; train.micro_batch x world size must
+    divide it. 0 means train.micro_batch (one process)."""
 
 
 @dataclass
@@ -222,17 +278,29 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
     positive("schedule.decay_tokens", s.decay_tokens)
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         out.append(("schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}"))
+    out += _schedule_problems(s)
     positive("schedule.ramp_tokens", s.ramp_tokens, strict=False)
     positive("schedule.ramp_start_tokens", s.ramp_start_tokens)
+    positive("schedule.ramp_quantum", s.ramp_quantum, strict=False)
+    if s.ramp_quantum and t.micro_batch > 0 and s.ramp_quantum % t.micro_batch:
+        out.append(("schedule.ramp_quantum", f"{s.ramp_quantum} is not divisible by train.micro_batch={t.micro_batch}"))
+    out += _recovery_problems(cfg)
     positive("checkpoint.every", cfg.checkpoint.every, strict=False)
     positive("checkpoint.keep", cfg.checkpoint.keep)
     positive("log.every", cfg.log.every)
     positive("eval.every", cfg.eval.every, strict=False)
     positive("eval.batches", cfg.eval.batches)
-    d = cfg.data
+    out += _data_problems(cfg.data)
+    return out
+
+
+def _data_problems(d: DataConfig) -> list[tuple[str, str]]:
+    """The data section's inconsistencies: split fraction, workers, and each source's name, weight and kind."""
+    out: list[tuple[str, str]] = []
     if not 0.0 <= d.val_fraction < 1.0:
         out.append(("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"))
-    positive("data.num_proc", d.num_proc)
+    if d.num_proc <= 0:
+        out.append(("data.num_proc", f"must be positive, got {d.num_proc}"))
     if d.invalid_utf8 not in ("skip", "error"):
         out.append(("data.invalid_utf8", f"must be 'skip' or 'error', got {d.invalid_utf8!r}"))
     names = [src.name for src in d.sources]
@@ -240,13 +308,98 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
         key = f"data.sources.{i}"
         if not src.name:
             out.append((f"{key}.name", "every source needs a name"))
-        elif names.count(src.name) > 1:
-            out.append((f"{key}.name", f"duplicate source name {src.name!r}; names must be unique"))
+        elif src.name in names[:i]:  # the later one is the duplicate: it is usually the one just added
+            first = names.index(src.name)
+            duplicate = f"duplicate source name {src.name!r} (source {first} has it); names must be unique"
+            out.append((f"{key}.name", duplicate))
         if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight)) or src.weight <= 0:
             out.append((f"{key}.weight", f"must be a positive number, got {src.weight}"))
         kinds = [k for k in ("path", "hf", "builtin") if getattr(src, k)]
         if len(kinds) != 1:
             out.append((key, f"source {src.name!r} needs exactly one of path, hf or builtin (has {kinds or 'none'})"))
+        out.extend(_hf_limit_problems(key, src))
+    out += _stage_problems(d)
+    return out
+
+
+def _schedule_problems(s: ScheduleConfig) -> list[tuple[str, str]]:
+    if s.kind not in ("cosine", "wsd"):
+        return [("schedule.kind", f"must be 'cosine' or 'wsd', got {s.kind!r}")]
+    if s.kind == "wsd" and not s.warmup_tokens <= s.decay_start_tokens < s.decay_tokens:
+        return [
+            (
+                "schedule.decay_start_tokens",
+                f"wsd needs warmup_tokens <= decay_start_tokens < decay_tokens, got {s.warmup_tokens}, "
+                f"{s.decay_start_tokens} and {s.decay_tokens}",
+            )
+        ]
+    return []
+
+
+def _stage_problems(d: DataConfig) -> list[tuple[str, str]]:
+    """Stage starts increase from 1 token; stage weights name known sources, are non-negative, draw something."""
+    out: list[tuple[str, str]] = []
+    names = {src.name for src in d.sources}
+    last = 0
+    for i, stage in enumerate(d.stages):
+        key = f"data.stages.{i}"
+        if stage.start_tokens <= last:
+            out.append((f"{key}.start_tokens", f"must be above {last} (the start before it), got {stage.start_tokens}"))
+        last = max(last, stage.start_tokens)
+        unknown = sorted(set(stage.weights) - names) if names else []
+        if unknown:
+            out.append((f"{key}.weights", f"names {unknown}, which are not in data.sources ({sorted(names)})"))
+        values = list(stage.weights.values())
+        if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+            out.append((f"{key}.weights", f"need non-negative weights, one positive; got {dict(stage.weights)}"))
+    return out
+
+
+def _hf_limit_problems(key: str, src: SourceConfig) -> list[tuple[str, str]]:
+    """streaming, max_documents and max_mb belong to hf: sources, and the limits must be positive."""
+    out = []
+    for name in ("streaming", "max_documents", "max_mb"):
+        if getattr(src, name) not in (None, False) and not src.hf:
+            out.append((f"{key}.{name}", f"applies to hf: sources only (source {src.name!r} has none); remove it"))
+    if src.max_documents is not None and src.max_documents < 1:
+        out.append((f"{key}.max_documents", f"must be at least 1, got {src.max_documents}"))
+    if src.max_mb is not None and not (math.isfinite(src.max_mb) and src.max_mb > 0):
+        out.append((f"{key}.max_mb", f"must be a positive number of MB, got {src.max_mb}"))
+    return out
+
+
+def _recovery_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Spike recovery, fire drills and the step watchdog."""
+    from .recovery import FAULT_KINDS, parse_fault
+
+    t, out = cfg.train, []
+    if t.on_spike not in ("stop", "skip", "rewind"):
+        out.append(("train.on_spike", f"must be 'stop', 'skip' or 'rewind', got {t.on_spike!r}"))
+    if t.on_spike == "skip" and (t.zero_stage not in (1, 2) or t.cpu_offload):
+        why = "skip needs train.zero_stage 1 or 2 without train.cpu_offload; use stop or rewind"
+        out.append(("train.on_spike", why))
+    if t.spike_window < 2:
+        out.append(("train.spike_window", f"must be at least 2, got {t.spike_window}"))
+    for key in ("spike_loss_ratio", "spike_grad_ratio"):
+        value = getattr(t, key)
+        if not (value == 0 or (math.isfinite(value) and value > 1)):
+            out.append((f"train.{key}", f"must be 0 (off) or above 1, got {value}"))
+    if t.spike_max_rewinds < 0 or t.spike_lr_steps < 0:
+        key = "spike_max_rewinds" if t.spike_max_rewinds < 0 else "spike_lr_steps"
+        out.append((f"train.{key}", f"must be non-negative, got {getattr(t, key)}"))
+    if not 0 < t.spike_lr_factor <= 1:
+        out.append(("train.spike_lr_factor", f"must be in (0, 1], got {t.spike_lr_factor}"))
+    if not (math.isfinite(t.step_timeout_s) and t.step_timeout_s >= 0):
+        out.append(("train.step_timeout_s", f"must be non-negative, got {t.step_timeout_s}"))
+    if t.inject_fault:
+        fault = parse_fault(t.inject_fault)
+        if fault is None:
+            kinds = " | ".join(f"{k}@STEP" for k in FAULT_KINDS)
+            out.append(("train.inject_fault", f"must be {kinds} with STEP >= 1, got {t.inject_fault!r}"))
+        elif fault.kind == "hang" and not t.step_timeout_s:
+            out.append(("train.inject_fault", "hang@STEP needs the watchdog: set train.step_timeout_s (e.g. 30)"))
+    if cfg.optim.z_loss < 0 or not math.isfinite(cfg.optim.z_loss):
+        out.append(("optim.z_loss", f"must be non-negative, got {cfg.optim.z_loss}"))
     return out
 
 
@@ -259,6 +412,8 @@ def find_config(spec: str | Path) -> Path:
     """A run config: a YAML file, else a packaged preset by name (``smoke``, ``gpt3-small``) or by its
     path in the repository (``configs/smoke.yaml``). A file of that path in the current directory wins."""
     path = Path(spec)
+    if path.is_dir():
+        raise UserError(f"config {spec} is a directory; pass a YAML file, such as configs/smoke.yaml")
     if path.is_file() or path.is_absolute():
         return path
     candidates = [PACKAGED_CONFIGS / path, PACKAGED_CONFIGS / f"{spec}.yaml"]
@@ -291,6 +446,8 @@ def _find_preset(section: str, name: str, near: Path) -> Path:
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise UserError(f"config {path} is a directory; pass a YAML file, such as configs/smoke.yaml")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/smoke.yaml")
     try:
@@ -321,14 +478,34 @@ def _layers(path: Path) -> list[tuple[str, DictConfig]]:
     return layers
 
 
-def _origin(key: str, layers: list[tuple[str, DictConfig]]) -> str:
-    for origin, layer in reversed(layers):
+def _origin(key: str, layers: list[tuple[str, DictConfig]]) -> tuple[int, str]:
+    """(index, name) of the last layer that sets `key`; the run file when none does."""
+    for index in range(len(layers) - 1, -1, -1):
+        origin, layer = layers[index]
         try:
             if OmegaConf.select(layer, key, throw_on_missing=False) is not None:
-                return origin
+                return index, origin
         except OmegaConfBaseException:
             continue
-    return layers[-1][0]
+    return len(layers) - 1, layers[-1][0]
+
+
+def _blame(key: str, message: str, layers: list[tuple[str, DictConfig]], overridden: list[str]) -> str:
+    """`key in origin: message`, against the last place that set the key or a sibling the message names
+    (`d_model ... n_head=5`): a value just given on the command line is the likely mistake, not the preset."""
+    section = key.rpartition(".")[0]
+    siblings = [f"{section}.{name}" for name in re.findall(r"\b([a-z_][a-z0-9_]*)=", message)]
+    best, best_index, best_origin = key, -1, layers[-1][0]
+    for candidate in [key, *siblings]:
+        if any(candidate == k or candidate.startswith(f"{k}.") for k in overridden):  # or a list set whole
+            index, origin = len(layers), "the command line"
+        else:
+            index, origin = _origin(candidate, layers)
+        if index > best_index:
+            best, best_index, best_origin = candidate, index, origin
+    if best != key:
+        return f"{best} in {best_origin}: {key} {message}"
+    return f"{key} in {best_origin}: {message}"
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -368,9 +545,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise UserError(f"{path}: {str(exc).splitlines()[0]}") from exc
         found = problems(cfg)
     if found:
-        key, message = found[0]
-        origin = "the command line" if key in overridden else _origin(key, layers)
-        raise UserError(f"{key} in {origin}: {message}")
+        raise UserError(_blame(*found[0], layers, overridden))
     return cfg
 
 
@@ -400,10 +575,26 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_yaml_text(text: str) -> Config:
-    """Inverse of to_yaml: a resolved config read back from a run directory or checkpoint."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+def from_yaml_text(text: str, origin: str = "a saved config.yaml") -> Config:
+    """Inverse of to_yaml: a resolved config read back from a run directory or checkpoint. Raises a
+    UserError naming `origin` when the text is not one (a hand edit gone wrong, a truncated copy)."""
+    try:
+        loaded = OmegaConf.create(text)
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"it holds a {type(loaded).__name__}, not a mapping of sections")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), loaded))  # type: ignore[return-value]
+    except Exception as exc:  # yaml, omegaconf and ModelConfig validation raise many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{origin} is not a valid scalegpt config ({reason}); restore it or use a new run.dir") from exc
+
+
+def read_config_file(path: str | Path) -> Config:
+    """A resolved config.yaml (run directory, checkpoint, export), or a UserError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); restore it or use a new run.dir") from exc
+    return from_yaml_text(text, origin=str(path))
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

@@ -122,6 +122,8 @@ def check_build_tools(cfg: Config) -> None:
 def init_distributed(cfg: Config) -> DistEnv:
     """Join (or create) the process group: gloo on CPU, nccl on GPU. Nothing is compiled here."""
     device = resolve_device(cfg)
+    if device == "cpu" and cfg.train.precision == "fp16":
+        raise UserError("train.precision=fp16 needs a GPU (its loss scaling is CUDA-only); on CPU use fp32 or bf16")
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     adopt_launcher_env()
@@ -246,6 +248,13 @@ def merge_passthrough(ours: dict[str, Any], extra: dict[str, Any], prefix: str =
     return out
 
 
+def configure_model(cfg: Config, model: GPT) -> None:
+    """What the config sets on the model from outside: activation checkpointing, compile, z-loss."""
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.compiled = cfg.train.compile  # the attention kernel choice reads it (model/attention.py)
+    model.z_loss = cfg.optim.z_loss
+
+
 def build_engine(cfg: Config, model: GPT, env: DistEnv, *, load_universal: bool = False) -> Any:
     """deepspeed.initialize with our generated config; activation checkpointing and compile applied
     from outside the model."""
@@ -254,8 +263,7 @@ def build_engine(cfg: Config, model: GPT, env: DistEnv, *, load_universal: bool 
     ds = deepspeed_config(cfg, world_size=env.world_size, device=env.device.type)
     if load_universal:
         ds["checkpoint"]["load_universal"] = True
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    model.compiled = cfg.train.compile  # the attention kernel choice reads it (model/attention.py)
+    configure_model(cfg, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds
     )

@@ -20,7 +20,7 @@ from ..model import GPT
 from ..model.hf import hf_config, to_hf_state_dict
 from .config import Config, to_yaml
 from .data.tokenizer import EOT
-from .errors import UserError
+from .errors import UserError, check_writable_dir
 from .inference import load_for_inference
 
 
@@ -79,6 +79,7 @@ def export(path: str | Path, fmt: str, out_dir: str | Path) -> tuple[Path, float
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose a new OUT_DIR or remove it")
+    check_writable_dir(out, "OUT_DIR")
     model, tokenizer, cfg = load_for_inference(path, device="cpu", dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -34,7 +34,7 @@ from ..model.config import ModelConfig
 from ..model.gpt import GPT
 from ..model.hf import from_hf_state_dict
 from .checkpoint import LATEST, META, checkpoint_root, find_latest
-from .config import Config, from_yaml_text
+from .config import Config, read_config_file
 from .engine import pick_device  # the one owner of device choice; sample and eval import it from here
 from .errors import UserError
 
@@ -197,11 +197,7 @@ def _export_state_dict(export_dir: Path, model: ModelConfig) -> dict[str, Tensor
 
 def read_config(config_file: Path) -> Config:
     """A resolved config.yaml as written by the trainer, or UserError naming the file."""
-    try:
-        return from_yaml_text(config_file.read_text(encoding="utf-8"))
-    except Exception as exc:  # yaml, omegaconf and ModelConfig validation errors
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{config_file} is not a valid scalegpt config: {reason}") from exc
+    return read_config_file(config_file)
 
 
 def read_tokenizer(resolved: ResolvedPath) -> Tokenizer:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +20,7 @@ import torch.distributed as dist
 from ..model import build_model
 from ..model.flops import peak_flops_for
 from . import checkpoint as ckpt
-from .config import Config, from_yaml_text, load_config, to_yaml
+from .config import Config, load_config, read_config_file, to_yaml
 from .engine import (
     DistEnv,
     build_engine,
@@ -28,9 +31,10 @@ from .engine import (
     init_distributed,
     resolve_device,
 )
-from .errors import SharedUserError, UserError
-from .metrics import Console, MetricsLog, StepLog, TrainingDiverged
+from .errors import SharedUserError, UserError, check_writable_dir
+from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
+from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog
 from .schedule import Cadence, Schedule
 
 if TYPE_CHECKING:
@@ -47,6 +51,10 @@ RESUMABLE_CHANGES = (
     "train.overlap_comm",
     "train.contiguous_gradients",
     "train.dist_timeout_minutes",
+    "train.on_spike",  # a run that stopped at a spike may continue with a rewind
+    "train.spike_",
+    "train.inject_fault",
+    "train.step_timeout_s",
     "data.num_proc",
     "run.name",
     "checkpoint.",
@@ -67,6 +75,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         if isinstance(v, dict) and v:
             out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # sources, stages: name the item
+            out.update(_flatten({str(i): x for i, x in enumerate(v)}, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -85,22 +95,59 @@ def config_differences(old: Config, new: Config) -> list[str]:
     ]
 
 
-def engine_step(engine: Any, data: torch.Tensor, micro_batch: int, lr: float) -> torch.Tensor:
+def engine_step(
+    engine: Any,
+    data: torch.Tensor,
+    micro_batch: int,
+    lr: float,
+    *,
+    loss_factor: float | None = None,
+    judge: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+) -> torch.Tensor:
     """Forward, backward and step through the DeepSpeed engine for every micro batch of `data` (this rank's
     rows of one optimizer step, n_ctx + 1 tokens each). DeepSpeed scales the loss for accumulation, reduces
     gradients across ranks, clips, and steps the optimizer only at the accumulation boundary. Returns the
-    mean loss as a tensor, without a host-device sync."""
+    mean loss as a tensor, without a host-device sync. `loss_factor` (a fire drill) multiplies every loss.
+    `judge` (train.on_spike=skip) sees the step's mean loss and grad norm before the update, and when it
+    returns True the update is dropped.
+
+    The boundary is stated, not left to DeepSpeed's running micro-step counter: that counter is not reset
+    when a batch ramp changes the accumulation, so it would end steps part-way through this step's micro
+    batches (ZeRO-2 reads the stated boundary when it reduces and when it steps)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     engine.train()
     total = torch.zeros((), device=data.device)
     chunks = data.split(micro_batch)
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
+        engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
         loss = engine(chunk[:, :-1], chunk[:, 1:])[1]  # with targets the model returns no logits
+        if loss_factor is not None:
+            loss = loss * loss_factor
         engine.backward(loss)
-        engine.step()
         total += loss.detach().float()
+        if judge is not None and i == len(chunks) - 1:
+            opt = engine.optimizer  # ZeRO 1 or 2 (the config checks): the norm DeepSpeed's step computes
+            if judge(total / len(chunks), opt.scaled_global_norm() / opt.loss_scale):
+                _drop_update(engine)
+                continue
+        engine.step()
     return total / len(chunks)
+
+
+def _drop_update(engine: Any) -> None:
+    """Step through DeepSpeed's own overflow path, which zeroes the gradients, counts a skipped step and
+    leaves weights and optimizer state as they were: mark this rank's reduced gradients non-finite and
+    have the step check them (bf16 does not by default)."""
+    opt = engine.optimizer
+    for grads in opt.averaged_gradients.values():
+        for g in grads or ():
+            g.fill_(math.nan)
+    checks, opt.check_grad_overflow = opt.check_grad_overflow, True
+    try:
+        engine.step()
+    finally:
+        opt.check_grad_overflow = checks
 
 
 class Validator:
@@ -166,7 +213,7 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.batch = global_batch(cfg, env.world_size)
         self.schedule = Schedule.from_config(cfg, world_size=env.world_size)
-        self.mixture = Mixture(cfg.data.dir, cfg.model.n_ctx, cfg.run.seed)
+        self.mixture = Mixture.for_config(cfg)  # the run's weights and stages, not prepare's
         vocab = int(self.mixture.manifest["vocab_size"])
         if vocab != cfg.model.vocab_size:
             raise UserError(
@@ -175,17 +222,28 @@ class Trainer:
             )
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
-        self._prepare_run_dir()
         self.checkpointer = ckpt.Checkpointer(
             cfg, self.run_dir, config_yaml=self.config_yaml, meta=self.meta, rank=env.rank, world_size=env.world_size
         )
+        # Everything that may refuse the start runs before anything is written, so a refusal changes nothing.
+        self._on_main(self._check_run_dir)
         resume = self._plan_resume()
+        self._on_main(self._write_run_dir)
+        # Rank 0's records, so that every rank skips the same samples and fires the same faults even where
+        # the run directory is not shared.
+        self.skips = SkipLog(self.run_dir)
+        self.skips.skips = broadcast_object(self.skips.skips)
+        self.drill = FaultDrill(cfg.train.inject_fault, self.run_dir, is_main=env.is_main)
+        self.drill.fired = broadcast_object(self.drill.fired)
+        self.watchdog = Watchdog(cfg.train.step_timeout_s)
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
         self.engine = build_engine(cfg, model, env, load_universal=resume is not None and resume.universal)
         if resume is not None:
             self._resume(resume)
         metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
+        if metrics is not None and resume is not None:
+            metrics.truncate(self.state.step)  # the steps after the checkpoint are trained (and logged) again
         self.validator = Validator(cfg, env, self.mixture, self.run_dir)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.log = StepLog(
@@ -196,7 +254,9 @@ class Trainer:
             mixture=self.mixture,
             peak_flops=peak_flops_for(name, cfg.train.precision),
         )
+        self.log.history = self.state.window
         self._stop_signal = 0
+        self._stopped = False
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._prefetched: tuple[tuple[int, int], Future[torch.Tensor]] | None = None
 
@@ -207,30 +267,33 @@ class Trainer:
         manifest = dict(self.mixture.manifest)
         return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
-    def _prepare_run_dir(self) -> None:
-        """Rank 0 checks the run directory holds this experiment (or none), then writes config and
-        tokenizer; every rank waits, so all agree on the directory before training starts."""
+    def _on_main(self, work: Any) -> None:
+        """Rank 0 does `work`; every rank waits for it and raises its error, so all agree on the run
+        directory before training starts."""
         error = None
         if self.env.is_main:
             try:
-                self._write_run_dir()
+                work()
             except UserError as exc:
                 error = str(exc)
         error = broadcast_object(error)
         if error:
             raise SharedUserError(error)
 
-    def _write_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _check_run_dir(self) -> None:
+        """The run directory must hold this experiment, or none."""
         existing = self.run_dir / "config.yaml"
         if existing.is_file():
-            diffs = config_differences(from_yaml_text(existing.read_text()), self.cfg)
+            diffs = config_differences(read_config_file(existing), self.cfg)
             if diffs:
                 raise UserError(
                     f"run.dir {self.run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
                     "use a new run.dir, or remove the old one"
                 )
-        atomic_write(existing, self.config_yaml)
+
+    def _write_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / "config.yaml", self.config_yaml)
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
 
     def _plan_resume(self) -> ckpt.Resume | None:
@@ -253,11 +316,12 @@ class Trainer:
 
     # -- the step -----------------------------------------------------------------------------
     def _rank_indices(self, samples: int, batch: int) -> list[int]:
-        """This rank's sample indices for the step starting at global sample `samples`. Row (m*W + r)*micro + i
-        of the global batch goes to rank r's micro step m, so any world size sees the same global batch."""
-        micro, world, r = self.cfg.train.micro_batch, self.env.world_size, self.env.rank
-        gas = batch // (micro * world)
-        return [samples + (m * world + r) * micro + i for m in range(gas) for i in range(micro)]
+        """This rank's sample indices for the step starting at global sample `samples` (`scalegpt inspect`
+        calls the same function)."""
+        from .data.steps import rank_indices
+
+        micro, world = self.cfg.train.micro_batch, self.env.world_size
+        return rank_indices(samples, batch, micro_batch=micro, world_size=world, rank=self.env.rank)
 
     def _load_batch(self, samples: int, batch: int) -> torch.Tensor:
         data = self.mixture.batch(self._rank_indices(samples, batch))
@@ -271,7 +335,7 @@ class Trainer:
             data = self._prefetched[1].result()
         else:
             data = self._load_batch(*key)
-        after = self.state.samples + batch
+        after = self.skips.advance(self.state.samples + batch)
         next_batch = self.schedule.batch_size(self.state.tokens + batch * self.cfg.model.n_ctx)
         self._prefetched = ((after, next_batch), self._loader.submit(self._load_batch, after, next_batch))
         return data.to(self.env.device, non_blocking=True)
@@ -279,16 +343,101 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step (all its accumulation micro steps). Its loss and grad norm join the step log
         as device tensors: nothing here waits for the device."""
+        self.state.samples = self.skips.advance(self.state.samples)  # past the samples a rewind skipped
+        step = self.state.step + 1
+        self.watchdog.beat(step)
+        fault = self.drill.due(step)
+        if fault in ("crash", "hang"):
+            self._fire(fault, step)
         batch = self.schedule.batch_size(self.state.tokens)
         if batch != self.engine.train_batch_size():
             self.engine.set_train_batch_size(batch)  # batch ramp: more accumulation, same micro batch
-        lr = self.schedule.lr(self.state.tokens + batch * self.cfg.model.n_ctx)
-        loss = engine_step(self.engine, self._next_batch(batch), self.cfg.train.micro_batch, lr)
-        self.state.step += 1
+        lr = self.schedule.lr(self.state.tokens + batch * self.cfg.model.n_ctx) * self.skips.lr_factor(step)
+        factor = {"nan": math.nan, "spike": SPIKE_FACTOR}.get(fault or "")
+        if factor is not None:
+            self.console.print(f"fire drill: train.inject_fault={fault}@{step}")
+        data = self._next_batch(batch)
+        judge = self._judge if self.cfg.train.on_spike == "skip" else None
+        loss = engine_step(self.engine, data, self.cfg.train.micro_batch, lr, loss_factor=factor, judge=judge)
+        self.state.step = step
         self.state.samples += batch
         self.state.tokens += batch * self.cfg.model.n_ctx
         grad_norm = self.engine.get_global_grad_norm()
-        self.log.record(step=self.state.step, tokens=self.state.tokens, lr=lr, loss=loss, grad_norm=grad_norm)
+        self.log.record(
+            step=step, tokens=self.state.tokens, samples=self.state.samples, lr=lr, loss=loss, grad_norm=grad_norm
+        )
+        self.log.drawn(self.mixture.source_counts(range(self.state.samples - batch, self.state.samples)))
+
+    def _judge(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """train.on_spike=skip: whether to drop this step's update. The one host sync outside logged steps:
+        the decision must come before the update, so every step waits here for the device (one all-reduce
+        of the loss and one read)."""
+        both = torch.stack([loss.double() / self.env.world_size, grad_norm.detach().double().reshape(())])
+        dist.all_reduce(both[:1])
+        mean, norm = both.tolist()
+        step = self.state.step + 1
+        reason = self.log.detector.check(self.log.history, mean, norm)
+        if reason is None:
+            return False
+        self.console.print(f"loss spike: {reason} at step {step}; skipped its update (train.on_spike=skip)")
+        self.log.mark(step, {"event": "skip", "reason": reason})
+        return True
+
+    def _fire(self, fault: str, step: int) -> None:
+        """A crash is a kill -9 of every rank; a hang sleeps until the step watchdog ends the process.
+        The barrier lets rank 0 record the fault before any rank dies."""
+        self.console.print(f"fire drill: train.inject_fault={fault}@{step}")
+        dist.barrier()
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            time.sleep(60)
+
+    # -- spikes -------------------------------------------------------------------------------------
+    def _on_spike(self, spike: Spike) -> None:
+        """train.on_spike: stop with an error, or rewind to the last good checkpoint."""
+        if self.cfg.train.on_spike != "rewind":
+            raise UserError(
+                f"{spike}; nothing was saved for it (the last good checkpoint is untouched). Lower optim.lr, "
+                "raise schedule.warmup_tokens, use train.precision=fp32, or set train.on_spike=rewind"
+            )
+        done, most = len(self.skips.skips), self.cfg.train.spike_max_rewinds
+        if done >= most:
+            raise UserError(
+                f"{spike}; gave up after {done} rewind(s) (train.spike_max_rewinds={most}): the run keeps "
+                "spiking, so lower optim.lr or train.spike_lr_factor, or raise train.spike_max_rewinds"
+            )
+        good = [p for p in ckpt.list_checkpoints(self.run_dir) if (ckpt.step_of(p.name) or 0) < spike.step]
+        target = broadcast_object(good[-1] if good else None)  # rank 0's choice: every rank loads the same step
+        if target is None:
+            raise UserError(f"{spike}; there is no checkpoint before it to rewind to")
+        self._rewind(spike, target)
+
+    def _rewind(self, spike: Spike, path: Path) -> None:
+        """Load `path` in this process, record the samples to skip (and the lowered LR) in the run directory,
+        and replace the abandoned steps' rows in metrics.jsonl by one row that records the rewind."""
+        saved_world = int(ckpt.read_meta(path)["world_size"])
+        resume = ckpt.Resume(path, saved_world, universal=saved_world != self.env.world_size)
+        if resume.universal:
+            if self.env.is_main:
+                ckpt.to_universal(path, self.run_dir)
+            dist.barrier()
+        self.state = self.checkpointer.load(self.engine, resume)
+        t, step = self.cfg.train, self.state.step
+        start = self.skips.advance(self.state.samples)
+        skip = Skip(step, spike.step, start, spike.samples, t.spike_lr_factor, step + t.spike_lr_steps)
+        self.skips.add(skip, is_main=self.env.is_main)
+        n = len(self.skips.skips)
+        self.console.print(
+            f"loss spike: {spike}; rewound to step {step} and skipping samples {skip.start}-{skip.end - 1} "
+            f"(rewind {n} of at most {t.spike_max_rewinds})"
+        )
+        self.log.discard()
+        self.log.history = self.state.window
+        if self.log.metrics is not None:
+            event = {"spike_step": spike.step, "reason": spike.reason, "skipped_samples": [skip.start, skip.end]}
+            self.log.metrics.truncate(step, replace={"event": "rewind", "rewind": {**event, "n": n}})
+        self.log.start(tokens=self.state.tokens)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _signal(self, signum: int, _frame: Any) -> None:
@@ -309,36 +458,37 @@ class Trainer:
                 self.console.print(f"already at step {self.state.step} >= train.max_steps={max_steps}; nothing to do")
                 return 0
             self._start()
-            while self.state.step < max_steps:
-                self.train_step()
-                step, last = self.state.step, self.state.step >= max_steps
-                evaluate = self.validator.should_evaluate(step, last=last)
-                save = self.checkpointer.should_save(step, last=last)
-                stop = False
-                # Saves and evaluations also read the step log: a diverged run is never saved, and an
-                # evaluation's figures join its step's record. A stop signal is seen here too, so a stop
-                # waits at most log.every steps.
-                if self.log.should_log(step, last=last) or evaluate or save:
-                    stop = self.log.sync(self._stop_signal) and not last  # this step's one host sync
-                    self.log.report(self.validator.evaluate(self.engine) if evaluate else None)
-                self.console.advance()
-                if save or stop:
-                    path = self.checkpointer.save(self.engine, self.state)
-                    self.console.print(f"saved {path}")
-                if stop:
-                    self.console.print(
-                        f"received a stop signal: saved step {step} to {path} and stopped; "
-                        "run the same command again to resume"
-                    )
-                    break
-        except TrainingDiverged as exc:
-            raise UserError(
-                f"{exc}; nothing was saved for it (the last good checkpoint is untouched). "
-                "Lower optim.lr, raise schedule.warmup_tokens, or use train.precision=fp32"
-            ) from exc
+            while self.state.step < max_steps and not self._stopped:
+                try:
+                    self._iteration(max_steps)
+                except Spike as spike:  # raised on every rank alike: they all read the same figures
+                    self._on_spike(spike)
         finally:
             self.close()
         return 0
+
+    def _iteration(self, max_steps: int) -> None:
+        """One step, then whatever is due after it: a log line, an evaluation, a save, a stop."""
+        self.train_step()
+        step, last = self.state.step, self.state.step >= max_steps
+        evaluate = self.validator.should_evaluate(step, last=last)
+        save = self.checkpointer.should_save(step, last=last)
+        stop = False
+        # Saves and evaluations also read the step log: a run that spiked is never saved, and an
+        # evaluation's figures join its step's record. A stop signal is seen here too, so a stop
+        # waits at most log.every steps.
+        if self.log.should_log(step, last=last) or evaluate or save:
+            stop = self.log.sync(self._stop_signal) and not last  # this step's one host sync
+            self.log.report(self.validator.evaluate(self.engine) if evaluate else None)
+        self.console.advance()
+        if save or stop:
+            path = self.checkpointer.save(self.engine, self.state)
+            self.console.print(f"saved {path}")
+        if stop:
+            self.console.print(
+                f"received a stop signal: saved step {step} to {path} and stopped; run the same command again to resume"
+            )
+            self._stopped = True
 
     def _start(self) -> None:
         """Catch stop signals, say what runs, and validate the untrained model once, at step 0."""
@@ -349,9 +499,12 @@ class Trainer:
             self.console.show_progress(total=self.cfg.train.max_steps, initial=self.state.step)
         if self.state.step == 0 and self.cfg.eval.every:
             self.log.baseline(self.validator.evaluate(self.engine))
+        if self.cfg.train.on_spike == "rewind" and not broadcast_object(bool(ckpt.list_checkpoints(self.run_dir))):
+            self.console.print(f"saved {self.checkpointer.save(self.engine, self.state)} (a rewind needs a start)")
         self.log.start(tokens=self.state.tokens)
 
     def close(self) -> None:
+        self.watchdog.pause()
         self.console.close()
         self.log.close()
         self._loader.shutdown(wait=True, cancel_futures=True)
@@ -379,6 +532,7 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "dry_run", False):
         return dry_run(cfg)
+    check_writable_dir(cfg.run.dir, "run.dir")
     env = init_distributed(cfg)
     try:
         return Trainer(cfg, env).fit()

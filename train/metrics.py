@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,8 @@ import torch.distributed as dist
 from ..model.flops import mfu
 from .config import Config, to_yaml
 from .evaluation.report import epochs_elapsed
+from .osutil import atomic_write
+from .recovery import Spike, SpikeDetector
 from .schedule import Cadence
 
 if TYPE_CHECKING:
@@ -34,6 +36,28 @@ class MetricsLog:
         self._wandb: Any = None
         if cfg.log.wandb:
             self._wandb = _start_wandb(run_dir, cfg)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, step: int, *, replace: dict[str, Any] | None = None) -> None:
+        """Keep only the rows of steps up to `step` (a resume or a rewind continues after it, so no step is
+        logged twice); with `replace`, that step's row is merged with it instead of kept as it was."""
+        self._file.close()
+        kept: list[dict[str, Any]] = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                if int(row["step"]) < step or (int(row["step"]) == step and replace is None):
+                    kept.append(row)
+                elif int(row["step"]) == step:
+                    replace = {**row, **replace}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a line cut short by a kill
+        if replace is not None:
+            kept.append({"step": step, **replace})
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -109,20 +133,18 @@ class Console:
             self._bar = None
 
 
-class TrainingDiverged(Exception):
-    """Loss became NaN or infinite."""
-
-
 @dataclass
 class PendingStep:
     """One optimizer step's figures, left on the device until the next logged step reads them."""
 
     step: int
     tokens: int
+    samples: int  # global sample index after this step: a rewind skips the samples up to it
     lr: float
     loss: torch.Tensor  # this rank's mean loss over the step's micro batches, 0-dim float32
     grad_norm: torch.Tensor | float | None  # DeepSpeed's global norm; a float (inf) after an overflow
     elapsed_s: float
+    drawn: dict[str, int] = field(default_factory=dict)  # samples per source, counted on the host
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,15 @@ class StepLog:
         self.tokens_per_sec: float | None = None
         self.mfu: float | None = None
         self.last_loss = float("nan")
+        self.detector = SpikeDetector(
+            window=cfg.train.spike_window,
+            loss_ratio=cfg.train.spike_loss_ratio,
+            grad_ratio=cfg.train.spike_grad_ratio,
+            check_grad=cfg.train.precision != "fp16",
+        )
+        self.history: list[list[float]] = []  # the detector's window: the run state's, kept in checkpoints
+        self._judged = cfg.train.on_spike == "skip"  # then every step was judged before its update
+        self._events: dict[int, dict[str, Any]] = {}
         self._pending: list[PendingStep] = []
         self._synced: list[SyncedStep] = []
         self.start(tokens=0)
@@ -168,9 +199,32 @@ class StepLog:
         self._window_tokens = tokens
 
     def record(
-        self, *, step: int, tokens: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | float | None
+        self,
+        *,
+        step: int,
+        tokens: int,
+        samples: int,
+        lr: float,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | float | None,
     ) -> None:
-        self._pending.append(PendingStep(step, tokens, lr, loss, grad_norm, time.perf_counter() - self._t0))
+        elapsed = time.perf_counter() - self._t0
+        self._pending.append(PendingStep(step, tokens, samples, lr, loss, grad_norm, elapsed))
+
+    def drawn(self, counts: dict[str, int]) -> None:
+        """Samples per source in the step just recorded, counted from its sample indices on the host (no
+        device sync); metrics.jsonl records them as drawn/<source>."""
+        self._pending[-1].drawn = counts
+
+    def mark(self, step: int, event: dict[str, Any]) -> None:
+        """An event (a skipped update) that joins step `step`'s row."""
+        self._events[step] = event
+
+    def discard(self) -> None:
+        """Forget the steps not yet reported: a rewind abandons them."""
+        self._pending.clear()
+        self._synced.clear()
+        self._events.clear()
 
     def sync(self, stop_signal: int) -> bool:
         """Every pending step's loss (averaged over ranks) and grad norm on the host, and whether any rank
@@ -199,14 +253,16 @@ class StepLog:
 
     def report(self, evaluation: dict[str, float] | None = None) -> None:
         """Write the synced steps (rank 0) and print the latest; `evaluation` belongs to the latest step.
-        A non-finite loss raises TrainingDiverged on every rank, after the steps before it are written."""
+        A spike (a non-finite loss or grad norm, or a jump above the running window) raises Spike on every
+        rank (they all read the same figures), after the steps before it are written."""
         for i, s in enumerate(self._synced):
-            if not math.isfinite(s.loss):
-                raise TrainingDiverged(f"loss became {s.loss} at step {s.pending.step}")
+            event = self._events.pop(s.pending.step, {})
             # Without DeepSpeed's per-step overflow check (off for bf16 and fp32), a non-finite gradient would
             # reach the weights with a finite loss; fp16 keeps the check and skips such steps by design.
-            if s.grad_norm is not None and not math.isfinite(s.grad_norm) and self.cfg.train.precision != "fp16":
-                raise TrainingDiverged(f"gradient norm became {s.grad_norm} at step {s.pending.step}")
+            reason = None if self._judged else self.detector.check(self.history, s.loss, s.grad_norm)
+            if reason is not None:
+                self._synced.clear()
+                raise Spike(s.pending.step, s.pending.samples, reason)
             if self.metrics is not None:
                 record: dict[str, Any] = {
                     "step": s.pending.step,
@@ -221,6 +277,8 @@ class StepLog:
                 }
                 record.update(evaluation if evaluation and i == len(self._synced) - 1 else {})
                 record.update(epochs_elapsed(self.mixture, s.pending.tokens))
+                record.update({f"drawn/{name}": n for name, n in s.pending.drawn.items()})
+                record.update(event)
                 self.metrics.write(record)
         latest = self._synced[-1]
         self._synced.clear()
