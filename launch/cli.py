@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..train.errors import SharedUserError, UserError
+from ..train.errors import QUIET_INTERRUPT, SharedUserError, UserError
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -30,6 +30,8 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "export": ("scalegpt.train.export", "export_command"),
     "plan": ("scalegpt.launch.plan", "plan_command"),
     "plot": ("scalegpt.launch.plot", "plot_command"),
+    "inspect": ("scalegpt.launch.inspect", "inspect_command"),
+    "ladder": ("scalegpt.launch.ladder", "ladder_command"),
 }
 
 
@@ -154,10 +156,32 @@ def _add_plot(sub: _Subparsers) -> None:
     s.add_argument("--data-dir", default=None, help="prepared data for the epochs panel (default: the config's)")
 
 
+def _add_inspect(sub: _Subparsers) -> None:
+    s = sub.add_parser(
+        "inspect",
+        help="what steps A to B-1 of a run train on: samples per source, and some decoded",
+        description="Samples per source (count and share) of optimizer steps A to B-1 of the run as configured, "
+        "through the trainer's own sampling; a run directory adds the sample ranges that run skipped.",
+    )
+    s.add_argument("config", help="run directory, run YAML, or a packaged preset by name")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.sources.0.weight=0.9")
+    s.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered from 1 as in metrics.jsonl")
+    s.add_argument("--json", dest="json_out", default=None, help="also write the report here")
+    s.add_argument("--show", type=int, default=0, help="decode N of those samples, spread over the steps")
+    s.add_argument("--world-size", type=int, default=None, help="processes (default: the run's, else 1)")
+
+
+def _add_ladder(sub: _Subparsers) -> None:
+    from .ladder import add_parser  # its options live beside its command
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_prepare, _add_train, _add_launch, _add_sample, _add_eval, _add_export, _add_plan, _add_plot):
+    adders = (_add_prepare, _add_train, _add_launch, _add_sample, _add_eval, _add_export, _add_plan, _add_plot)
+    for add in (*adders, _add_inspect, _add_ladder):
         add(sub)
     return p
 
@@ -200,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scalegpt: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print("scalegpt: interrupted", file=sys.stderr)
+        if not os.environ.get(QUIET_INTERRUPT):
+            print("scalegpt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `scalegpt sample ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

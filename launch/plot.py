@@ -2,9 +2,9 @@
 
 Panels: training and validation loss, validation bits per byte, learning rate, throughput, gradient
 norm, and epochs elapsed per source (GPT-3 Table 2.2's last column, over time). The epochs come from
-the prepared data's manifest through Mixture.consumed, the same arithmetic the sampler uses; without
-the prepared data that panel says why it is empty. matplotlib's object API with the Agg canvas is
-used, so no display and no global backend state are involved.
+the prepared data's manifest and the run's own weights (config.yaml) through Mixture.consumed, the same
+arithmetic the sampler uses; without the prepared data that panel says why it is empty. matplotlib's
+object API with the Agg canvas is used, so no display and no global backend state are involved.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..train.errors import UserError
+from ..train.errors import UserError, check_writable_dir
 from ..train.osutil import atomic_path
 
 PANELS = (
@@ -111,7 +111,7 @@ def epochs_by_source(
     where = Path(data_dir if data_dir is not None else cfg.data.dir)
     try:
         expect = tokenizer_hash(load_tokenizer(run_dir / "tokenizer.json"))
-        mixture = Mixture(where, cfg.model.n_ctx, cfg.run.seed, tokenizer_hash=expect)
+        mixture = Mixture.for_config(cfg, data_dir=where, tokenizer_hash=expect)  # the run's weights and stages
     except UserError as exc:
         return None, f"epochs need the run's prepared data: {exc}"
     stride = max(1, len(records) // _MAX_EPOCH_POINTS)
@@ -221,6 +221,12 @@ def plot_command(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / "curves.png"
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a .png file name")
+    check_writable_dir(out.parent, f"--out {out}: folder")
+    from .ladder import plot_ladder_dir
+
+    ladder = plot_ladder_dir(run, out if args.out else None)  # a ladder directory draws the ladder's figure
+    if ladder is not None:
+        return ladder
     fig, notes = plot_run(run, data_dir=getattr(args, "data_dir", None))
     for note in notes:
         print(f"scalegpt: note: {note}", file=sys.stderr)
