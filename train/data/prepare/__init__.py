@@ -102,8 +102,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
             f"nothing to do: all {len(plan.sources)} sources in {plan.data_dir} are up to date "
             f"(tokenizer {tok.hash[:12]})"
         )
-    weights = {s.name: s.cfg.weight for s in plan.sources}
-    echo(describe(Mixture(plan.data_dir, cfg.model.n_ctx, cfg.run.seed, weights), planned_samples(cfg)))
+    echo(describe(Mixture.for_config(cfg, data_dir=plan.data_dir), planned_samples(cfg)))
     return manifest
 
 
