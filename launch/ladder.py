@@ -497,17 +497,15 @@ def _num(v: object) -> bool:
 def check_rung_config(rung: Rung, ladder_dir: Path) -> None:
     """A rung directory made with another config is another experiment: refuse it before the ladder
     counts it as done or resumes it, as the trainer itself would."""
-    from ..train.inference import read_config
-    from ..train.loop import config_differences
+    from ..train.loop import run_dir_differences
 
-    existing = ladder_dir / rung.info.dir / "config.yaml"
-    if existing.is_file():
-        diffs = config_differences(read_config(existing), rung.cfg)
-        if diffs:
-            raise UserError(
-                f"rung {existing.parent} was made with a different config ({'; '.join(diffs[:3])}); give this "
-                "ladder another run.dir, or remove that rung directory to train it again"
-            )
+    rung_dir = ladder_dir / rung.info.dir
+    diffs = run_dir_differences(rung_dir, rung.cfg)
+    if diffs:
+        raise UserError(
+            f"rung {rung_dir} was made with a different config ({'; '.join(diffs[:3])}); give this "
+            "ladder another run.dir, or remove that rung directory to train it again"
+        )
 
 
 # -- running a rung ----------------------------------------------------------------------------------------

@@ -100,14 +100,14 @@ def epochs_by_source(
     run_dir: Path, records: list[dict[str, Any]], data_dir: str | Path | None = None
 ) -> tuple[dict[str, tuple[list[int], list[float]]] | None, str]:
     """Per source, (steps, epochs elapsed) from the prepared data; or None and why not."""
+    from ..train.config import read_config_file
     from ..train.data.mixture import Mixture
     from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
-    from ..train.inference import read_config
 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         return None, f"no config.yaml in {run_dir}"
-    cfg = read_config(config_file)
+    cfg = read_config_file(config_file)
     where = Path(data_dir if data_dir is not None else cfg.data.dir)
     try:
         expect = tokenizer_hash(load_tokenizer(run_dir / "tokenizer.json"))

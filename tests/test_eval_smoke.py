@@ -12,8 +12,8 @@ import pytest
 
 from scalegpt.launch.cli import main
 from scalegpt.launch.plot import plot_run
+from scalegpt.train.config import read_config_file
 from scalegpt.train.data.mixture import Mixture
-from scalegpt.train.inference import read_config
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_plot_of_the_smoke_run(smoke_run: Path, tmp_path: Path) -> None:
     fig, notes = plot_run(smoke_run)
     assert notes == []
     epochs = {line.get_label(): line for line in fig.get_axes()[-1].get_lines()}
-    cfg = read_config(smoke_run / "config.yaml")
+    cfg = read_config_file(smoke_run / "config.yaml")
     used = Mixture(cfg.data.dir, cfg.model.n_ctx, cfg.run.seed).consumed(200 * 16)
     assert set(epochs) == set(used) == {"arithmetic", "scramble", "prose"}
     for name, line in epochs.items():

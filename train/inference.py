@@ -195,11 +195,6 @@ def _export_state_dict(export_dir: Path, model: ModelConfig) -> dict[str, Tensor
     return state
 
 
-def read_config(config_file: Path) -> Config:
-    """A resolved config.yaml as written by the trainer, or UserError naming the file."""
-    return read_config_file(config_file)
-
-
 def read_tokenizer(resolved: ResolvedPath) -> Tokenizer:
     """The run's tokenizer.json, or UserError saying where it was looked for."""
     f = resolved.tokenizer_file
@@ -220,7 +215,7 @@ def load_for_inference(
     The default dtype is bf16 on CUDA (halves the bytes read per token) and fp32 on CPU, where bf16
     matmuls are slow on most chips."""
     resolved = resolve(path)
-    cfg = read_config(resolved.config_file)
+    cfg = read_config_file(resolved.config_file)
     tokenizer = read_tokenizer(resolved)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(

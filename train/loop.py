@@ -95,6 +95,13 @@ def config_differences(old: Config, new: Config) -> list[str]:
     ]
 
 
+def run_dir_differences(run_dir: Path, cfg: Config) -> list[str]:
+    """How `cfg` differs from the config a run directory was made with (none when it holds no run yet);
+    each caller words its own refusal."""
+    existing = run_dir / "config.yaml"
+    return config_differences(read_config_file(existing), cfg) if existing.is_file() else []
+
+
 def engine_step(
     engine: Any,
     data: torch.Tensor,
@@ -282,14 +289,12 @@ class Trainer:
 
     def _check_run_dir(self) -> None:
         """The run directory must hold this experiment, or none."""
-        existing = self.run_dir / "config.yaml"
-        if existing.is_file():
-            diffs = config_differences(read_config_file(existing), self.cfg)
-            if diffs:
-                raise UserError(
-                    f"run.dir {self.run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
-                    "use a new run.dir, or remove the old one"
-                )
+        diffs = run_dir_differences(self.run_dir, self.cfg)
+        if diffs:
+            raise UserError(
+                f"run.dir {self.run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
+                "use a new run.dir, or remove the old one"
+            )
 
     def _write_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
