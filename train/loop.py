@@ -265,7 +265,7 @@ class Trainer:
         self._stop_signal = 0
         self._stopped = False
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
-        self._prefetched: tuple[tuple[int, int], Future[torch.Tensor]] | None = None
+        self._prefetched: tuple[tuple[int, int], Future[tuple[torch.Tensor, dict[str, int]]]] | None = None
 
     # -- run directory and resume ---------------------------------------------------------------
     def _manifest_hash(self) -> str:
@@ -328,22 +328,23 @@ class Trainer:
         micro, world = self.cfg.train.micro_batch, self.env.world_size
         return rank_indices(samples, batch, micro_batch=micro, world_size=world, rank=self.env.rank)
 
-    def _load_batch(self, samples: int, batch: int) -> torch.Tensor:
-        data = self.mixture.batch(self._rank_indices(samples, batch))
-        return data.pin_memory() if self.env.device.type == "cuda" else data
+    def _load_batch(self, samples: int, batch: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """This rank's rows of the step and the step's per-source counts (metrics' drawn/<source>)."""
+        data, drawn = self.mixture.step_batch(samples, batch, self._rank_indices(samples, batch))
+        return (data.pin_memory() if self.env.device.type == "cuda" else data), drawn
 
-    def _next_batch(self, batch: int) -> torch.Tensor:
+    def _next_batch(self, batch: int) -> tuple[torch.Tensor, dict[str, int]]:
         """This step's batch, prefetched during the previous step by a background thread (the sample at
         index g is a pure function of g, so reading ahead changes nothing); then queue the next one."""
         key = (self.state.samples, batch)
         if self._prefetched is not None and self._prefetched[0] == key:
-            data = self._prefetched[1].result()
+            data, drawn = self._prefetched[1].result()
         else:
-            data = self._load_batch(*key)
+            data, drawn = self._load_batch(*key)
         after = self.skips.advance(self.state.samples + batch)
         next_batch = self.schedule.batch_size(self.state.tokens + batch * self.cfg.model.n_ctx)
         self._prefetched = ((after, next_batch), self._loader.submit(self._load_batch, after, next_batch))
-        return data.to(self.env.device, non_blocking=True)
+        return data.to(self.env.device, non_blocking=True), drawn
 
     def train_step(self) -> None:
         """One optimizer step (all its accumulation micro steps). Its loss and grad norm join the step log
@@ -361,7 +362,7 @@ class Trainer:
         factor = {"nan": math.nan, "spike": SPIKE_FACTOR}.get(fault or "")
         if factor is not None:
             self.console.print(f"fire drill: train.inject_fault={fault}@{step}")
-        data = self._next_batch(batch)
+        data, drawn = self._next_batch(batch)
         judge = self._judge if self.cfg.train.on_spike == "skip" else None
         loss = engine_step(self.engine, data, self.cfg.train.micro_batch, lr, loss_factor=factor, judge=judge)
         self.state.step = step
@@ -371,7 +372,7 @@ class Trainer:
         self.log.record(
             step=step, tokens=self.state.tokens, samples=self.state.samples, lr=lr, loss=loss, grad_norm=grad_norm
         )
-        self.log.drawn(self.mixture.source_counts(range(self.state.samples - batch, self.state.samples)))
+        self.log.drawn(drawn)
 
     def _judge(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """train.on_spike=skip: whether to drop this step's update. The one host sync outside logged steps:

@@ -470,6 +470,17 @@ class Mixture:
             out[sel] = self._tokens[i][start[sel, None] + offsets]
         return out
 
+    def step_batch(self, first: int, batch: int, rows: Sequence[int]) -> tuple[torch.Tensor, dict[str, int]]:
+        """One optimizer step over global samples [first, first + batch): the tokens of the `rows` this rank
+        trains on (as `batch` gives them) and the whole step's per-source counts, from one resolve."""
+        import torch
+
+        src, start = self.resolve(np.arange(first, first + batch))
+        mine = np.asarray(rows, dtype=np.int64) - first
+        counts = np.bincount(src, minlength=len(self.names))
+        tokens = torch.from_numpy(self._gather(src[mine], start[mine]))
+        return tokens, {name: int(counts[i]) for i, name in enumerate(self.names)}
+
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
         """(len(indices), n_ctx+1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
         import torch
