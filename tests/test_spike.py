@@ -171,3 +171,23 @@ def test_optim_z_loss_reaches_the_model() -> None:
     configure_model(cfg, model)
     with_z = model(idx[:, :-1], idx[:, 1:])[1]
     assert model.z_loss == 1e-4 and with_z > plain
+
+
+@pytest.mark.slow
+def test_spike_keys_set_on_the_command_line_take_effect(drill: Path, prepared: Path, tmp_path: Path) -> None:
+    """spike_lr_factor / spike_lr_steps lower the LR after a rewind; spike_max_rewinds=0 gives up at once;
+    spike_grad_ratio alone (the loss test off) still catches a spike through the gradient norm."""
+    lowered = tmp_path / "lowered"
+    train(lowered, prepared, *DRILL, "train.spike_lr_factor=0.5", "train.spike_lr_steps=2")
+    plain, low = metrics(drill), metrics(lowered)
+    assert [low[i]["lr"] for i in (2, 3)] == [plain[i]["lr"] * 0.5 for i in (2, 3)]  # steps 3-4, after the rewind
+    assert low[4]["lr"] == plain[4]["lr"] and low[0]["lr"] == plain[0]["lr"]
+
+    proc = train(tmp_path / "give-up", prepared, *DRILL, "train.spike_max_rewinds=0", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "gave up after 0 rewind(s) (train.spike_max_rewinds=0)" in last
+
+    grad = [*FEW, "train.spike_window=2", "train.inject_fault=spike@3", "train.max_steps=3", "train.spike_loss_ratio=0"]
+    proc = train(tmp_path / "grad", prepared, *grad, "train.spike_grad_ratio=50", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "gradient norm spiked" in last and "at step 3" in last
