@@ -311,10 +311,11 @@ def test_bad_hostfile_through_the_real_command(tmp_path: Path) -> None:
     ],
 )
 def test_bad_gpus_and_flags_are_one_error_line(
-    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], message: str
 ) -> None:
     device = [] if any(a.startswith("train.device") for a in args) else ["train.device=auto"]
-    code, _, err = launch(capsys, *args, *device)
+    # a run.dir of its own: the preset's runs/smoke may hold a user's `make setup` run, which is refused first
+    code, _, err = launch(capsys, *args, *device, f"run.dir={tmp_path / 'run'}")
     assert code == 2
     assert message in one_error_line(err)
 
