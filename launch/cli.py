@@ -51,7 +51,9 @@ def _with_config(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentPa
 def _with_weights(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
     """A sub-command that reads trained weights."""
     s = sub.add_parser(name, help=help_)
-    s.add_argument("path", help="run directory, checkpoint directory or export directory")
+    s.add_argument(
+        "path", help="run, checkpoint or export directory, or a Hugging Face GPT-2 or GPT-Neo folder (config.json)"
+    )
     return s
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..train.config import read_config_file
 from ..train.errors import UserError, check_writable_file
 from ..train.evaluation.fewshot import FEW, ShotResult, Shots, TaskPlan, plan_tasks, run_plans
 from ..train.evaluation.report import (
@@ -24,7 +23,7 @@ from ..train.evaluation.report import (
     validation_table,
 )
 from ..train.evaluation.tasks import Task, get_tasks
-from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_tokenizer, resolve
+from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_run_config, read_tokenizer, resolve
 from ..train.osutil import write_json_atomic
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ def _before_weights(
     fit n_ctx or a missing data folder fails before the weights are read."""
     from ..train.evaluation.validation import open_validation_data
 
-    cfg, tokenizer = read_config_file(resolved.config_file), read_tokenizer(resolved)
+    cfg, tokenizer = read_run_config(resolved), read_tokenizer(resolved)
     mixture, data_note = (None, "validation skipped (--val-batches 0)")
     if args.val_batches:
         mixture, data_note = open_validation_data(cfg, tokenizer, args.data_dir)

@@ -26,6 +26,10 @@ class ModelConfig:
     """Dropout on embeddings, attention output and MLP output."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
+    qkv_bias: bool = True
+    """Biases on the query, key and value projections (c_attn), when `bias` is on. GPT-2 has them;
+    GPT-Neo, EleutherAI's GPT-3 replica, does not, and a query bias has no GPT-Neo equivalent, so a
+    model with alternating attention exports to Hugging Face only with this off (model/hf.py)."""
     attention: str = "dense"
     """'dense' (every layer causal) or 'alternating' (GPT-3: dense and locally banded layers alternate)."""
     local_window: int = 256
@@ -37,6 +41,11 @@ class ModelConfig:
     older configs load. model/attention.py's choose_kernel holds the rule."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (GPT-2 uses 1e-5)."""
+    init_from: str | None = None
+    """Start training from these weights instead of a random draw: a Hugging Face GPT-2 or GPT-Neo folder,
+    or a scalegpt run, checkpoint or export directory. Only the weights are taken (optimizer, schedule, data
+    order and step start fresh), and the shape comes from the source. GPT itself never reads this field;
+    the trainer does (train/config.py and train/inference.py hold the rules)."""
 
     def __post_init__(self) -> None:
         for problem in self.problems():

@@ -31,7 +31,8 @@ def count_params(config: ModelConfig, *, non_embedding: bool = False) -> int:
     so adds nothing. ``non_embedding`` drops only the position embedding (wpe), as nanoGPT does: wte
     stays because, tied, it is also the output layer's matmul and costs FLOPs every token."""
     d, f, bias = config.d_model, config.ffn_dim, int(config.bias)
-    attention = 4 * d * d + bias * 4 * d  # c_attn (d -> 3d) and c_proj (d -> d)
+    qkv_bias = int(config.bias and config.qkv_bias)
+    attention = 4 * d * d + qkv_bias * 3 * d + bias * d  # c_attn (d -> 3d) and c_proj (d -> d)
     mlp = 2 * d * f + bias * (f + d)  # c_fc (d -> f) and c_proj (f -> d)
     norms = 2 * d * (1 + bias)  # ln_1 and ln_2: gain, and offset when bias
     block = attention + mlp + norms

@@ -1,7 +1,7 @@
 """The GPT-2/3 decoder-only transformer (GPT-3 paper, Section 2.1), in plain PyTorch.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (transformer.wte, transformer.h.N.attn.c_attn,
-...), so exporting is a transpose of the Conv1D weights and nothing else.
+...), so exporting to GPT-2 is a transpose of the Conv1D weights; model/hf.py maps GPT-Neo's layout.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
         self.compiled = False
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)  # q, k, v together
+        qkv_bias = config.bias and config.qkv_bias
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=qkv_bias)  # q, k, v together
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self._block_masks: dict[tuple[int, str], object] = {}

@@ -16,10 +16,18 @@ RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
-def test_every_run_config_loads(path: Path) -> None:
+def test_every_run_config_loads(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    # continue-gpt2 starts from models/gpt2, which a user downloads: its config.json is all loading reads
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "gpt2").mkdir(parents=True)
+    transformers.GPT2Config().to_json_file(str(tmp_path / "models" / "gpt2" / "config.json"))
     cfg = load_config(path)
     assert isinstance(cfg, Config) and cfg.data.sources
     assert from_yaml_text(to_yaml(cfg)) == cfg  # the resolved YAML written to run dirs reads back
+    if cfg.model.init_from:  # GPT-2 small's shape, from its config.json (transformers' defaults)
+        assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, cfg.model.vocab_size) == (12, 768, 1024, 50257)
+        assert cfg.data.tokenizer == cfg.model.init_from == "models/gpt2"
 
 
 def _compose(tmp_path: Path, model: str, data: str) -> Config:

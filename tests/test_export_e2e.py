@@ -75,23 +75,57 @@ def test_deepspeed_zero_to_fp32_works_on_our_checkpoints(run: Path, tmp_path: Pa
     assert all(torch.equal(state[k], ours[k]) for k in ours)
 
 
-def test_alternating_attention_cannot_become_gpt2(tmp_path: Path) -> None:
+def _scalegpt_export_dir(path: Path, model: GPT, cfg: Config) -> Path:
+    """An export directory as `export --format safetensors` writes it, around `model`."""
+    from tokenizers import Tokenizer, models
+
+    path.mkdir()
+    save_file(model.state_dict(), str(path / "model.safetensors"))
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_alternating_attention_exports_to_gpt_neo(tmp_path: Path) -> None:
+    """GPT-3's alternating layers become GPTNeoForCausalLM: the CLI verifies logits and greedy decoding
+    itself, and the folder loads offline with our logits on tokens beyond the local window."""
+    transformers = pytest.importorskip("transformers")
+    cfg = Config(
+        model=ModelConfig(
+            n_layer=3, n_head=2, d_model=32, n_ctx=16, vocab_size=50, attention="alternating", local_window=4
+        )
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:  # key and value biases fold away; the query bias stays zero
+            block.attn.c_attn.bias[32:].normal_()
+    src = _scalegpt_export_dir(tmp_path / "alt", model, cfg)
+    proc = scalegpt("export", str(src), "--format", "hf", str(tmp_path / "neo"))
+    assert "GPTNeoForCausalLM" in proc.stdout and "verified" in proc.stdout and "greedy decoding equal" in proc.stdout
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "neo"), local_files_only=True).eval()
+    assert type(theirs).__name__ == "GPTNeoForCausalLM" and theirs.config.window_size == 4
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x)[0], atol=1e-5, rtol=0)
+
+
+def test_a_query_bias_cannot_become_gpt_neo(tmp_path: Path) -> None:
     cfg = Config(
         model=ModelConfig(
             n_layer=2, n_head=2, d_model=32, n_ctx=16, vocab_size=50, attention="alternating", local_window=4
         )
     )
-    src = tmp_path / "alt"
-    src.mkdir()
-    save_file(GPT(cfg.model).state_dict(), str(src / "model.safetensors"))
-    (src / "config.yaml").write_text(to_yaml(cfg))
-    from tokenizers import Tokenizer, models
-
-    tok = Tokenizer(models.BPE())
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(src / "tokenizer.json"))
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.bias[:32].fill_(0.1)
+    src = _scalegpt_export_dir(tmp_path / "alt", model, cfg)
     proc = scalegpt("export", str(src), "--format", "hf", str(tmp_path / "out"), check=False)
-    assert proc.returncode == 2 and "alternating" in proc.stderr and "--format safetensors" in proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("scalegpt: error: cannot export to Hugging Face:")
+    assert "query bias" in proc.stderr and "model.qkv_bias=false" in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 

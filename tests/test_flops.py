@@ -55,8 +55,15 @@ def preset(name: str) -> ModelConfig:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"bias": False}, {"attention": "alternating", "local_window": 4}, {"d_ff": 72, "bias": False}],
-    ids=["dense", "no-bias", "alternating", "custom-dff"],
+    [
+        {},
+        {"bias": False},
+        {"attention": "alternating", "local_window": 4},
+        {"d_ff": 72, "bias": False},
+        {"qkv_bias": False},
+        {"qkv_bias": False, "bias": False},
+    ],
+    ids=["dense", "no-bias", "alternating", "custom-dff", "no-qkv-bias", "no-bias-at-all"],
 )
 def test_count_params_equals_the_module(extra: dict) -> None:
     config = ModelConfig(**TINY, **extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -248,6 +249,20 @@ def test_cpu_initialization_is_bit_for_bit_the_earlier_one(name: str) -> None:
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, reference.state_dict()[key]), key
     assert _state_hash(model) == RECORDED_INIT[name]
+
+
+def test_qkv_bias_only_removes_the_attention_input_biases() -> None:
+    """qkv_bias=false drops c_attn's bias and nothing else: the other biases stay, and every weight is
+    the draw the same seed gives with q/k/v biases (biases are zeroed, not drawn)."""
+    config = ModelConfig(**TINY)
+    with_bias, without = build_model(config, seed=3), build_model(replace(config, qkv_bias=False), seed=3)
+    assert without.transformer.h[0].attn.c_attn.bias is None
+    assert without.transformer.h[0].attn.c_proj.bias is not None and without.transformer.h[0].mlp.c_fc.bias is not None
+    dropped = {k for k in with_bias.state_dict() if k.endswith("attn.c_attn.bias")}
+    assert len(dropped) == config.n_layer and with_bias.state_dict().keys() - dropped == without.state_dict().keys()
+    for key, tensor in without.state_dict().items():
+        assert torch.equal(tensor, with_bias.state_dict()[key]), key
+    assert GPT(ModelConfig(**TINY, bias=False, qkv_bias=True)).transformer.h[0].attn.c_attn.bias is None
 
 
 def test_initialization_apart_from_construction() -> None:

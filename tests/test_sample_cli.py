@@ -4,6 +4,7 @@ export directories, a real one-process DeepSpeed ZeRO-2 checkpoint, bad input of
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from scalegpt.launch.cli import main
 from scalegpt.launch.sample import TextStream
 from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.generate import generate
-from scalegpt.model.hf import to_hf_state_dict
+from scalegpt.model.hf import hf_config, to_hf_state_dict
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir, checkpoint_root, tag_for, write_latest
 from scalegpt.train.config import Config, to_yaml
 from scalegpt.train.errors import UserError
@@ -192,6 +193,7 @@ def test_load_for_inference_from_export(export_dir: Path) -> None:
 def test_hf_layout_export_loads_the_same(tmp_path: Path, export_dir: Path, tokenizer_file: Path) -> None:
     ours = load_for_inference(export_dir, device="cpu")[0].state_dict()
     hf_dir = write_export(tmp_path / "hf", to_hf_state_dict(ours), tokenizer_file)
+    (hf_dir / "config.json").write_text(json.dumps(hf_config(ModelConfig(**MODEL))))  # as export --format hf writes
     theirs = load_for_inference(hf_dir, device="cpu")[0].state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 

@@ -262,7 +262,7 @@ def check_compatible(path: Path, cfg: Config, meta: dict[str, Any], tokenizer_ha
     diffs = [
         f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r}, now {getattr(cfg.model, k)!r}"
         for k in vars(cfg.model)
-        if getattr(saved_cfg.model, k) != getattr(cfg.model, k)
+        if k != "init_from" and getattr(saved_cfg.model, k) != getattr(cfg.model, k)  # the weights now come from here
     ]
     if meta.get("tokenizer_hash") != tokenizer_hash:
         diffs.append(f"tokenizer: checkpoint {str(meta.get('tokenizer_hash'))[:12]}, now {tokenizer_hash[:12]}")

@@ -85,7 +85,8 @@ class DataConfig:
     """Where `scalegpt prepare` writes token files and manifest.json."""
     tokenizer: str = "bpe"
     """'bpe' trains a byte-level BPE of model.vocab_size tokens; 'gpt2' is GPT-2's, shipped in the package;
-    else a tokenizer.json, or a folder with tokenizer.json or GPT-2's vocab.json + merges.txt."""
+    else a tokenizer.json, or a folder with tokenizer.json or GPT-2's vocab.json + merges.txt. With
+    model.init_from it must be the weights' own tokenizer: `${model.init_from}` says so in YAML."""
     tokenizer_sample_mb: float = 8.0
     """How much of the mixture to train the BPE on."""
     val_fraction: float = 0.01
@@ -293,6 +294,14 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
     positive("eval.every", cfg.eval.every, strict=False)
     positive("eval.batches", cfg.eval.batches)
     out += _data_problems(cfg.data)
+    if cfg.model.init_from and cfg.data.tokenizer == "bpe":
+        out.append(
+            (
+                "data.tokenizer",
+                "'bpe' trains a new tokenizer, but the weights of model.init_from come with their own; set "
+                "data.tokenizer to the source's folder (in YAML, data.tokenizer: ${model.init_from})",
+            )
+        )
     return out
 
 
@@ -537,6 +546,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         except OmegaConfBaseException as exc:
             raise UserError(f"{key} in the command line: {str(exc).splitlines()[0]}") from exc
         overridden.append(key)
+    _take_shape_from_source(merged, layers, overridden)
     model = ModelConfig.__new__(ModelConfig)  # unvalidated, so that its problems can name their key
     model.__dict__.update(OmegaConf.to_container(merged.model))
     found = [(f"model.{k}", m) for k, m in model.problems()]
@@ -549,6 +559,59 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if found:
         raise UserError(_blame(*found[0], layers, overridden))
     return cfg
+
+
+SOURCE_FREE = ("init_from", "dropout", "attn_impl")
+"""model.* fields that init_from leaves to the run: they change how the weights are used, not which exist."""
+
+
+def _source_shape(source: str, merged: DictConfig) -> ModelConfig:
+    """model.init_from's shape. A source that has gone since the run started is not needed to resume it:
+    the run directory's config.yaml, made from the same source, has the shape."""
+    from .inference import resolve, source_model_config
+
+    try:
+        return source_model_config(resolve(source))
+    except UserError as exc:
+        saved = Path(str(merged.run.dir)) / "config.yaml"
+        if saved.is_file():
+            old = read_config_file(saved).model
+            if old.init_from == source:
+                return old
+        raise UserError(f"model.init_from: {exc}") from exc
+
+
+def _take_shape_from_source(merged: DictConfig, layers: list[tuple[str, DictConfig]], overridden: list[str]) -> None:
+    """With model.init_from, every shape field comes from the source. One the user set (in the run file or
+    on the command line) must agree with it, except a shorter n_ctx: the position embeddings are cut to it.
+    A preset named under defaults: yields, since the weights decide the shape."""
+    source = merged.model.init_from
+    if not source:
+        return
+    shape = _source_shape(str(source), merged)
+    run_origin, run_layer = layers[-1]
+    for name, theirs in vars(shape).items():
+        if name in SOURCE_FREE:
+            continue
+        key = f"model.{name}"
+        if key in overridden:
+            where = "the command line"
+        elif OmegaConf.select(run_layer, key, default=None) is not None:
+            where = run_origin
+        else:
+            merged.model[name] = theirs
+            continue
+        mine = merged.model[name]
+        if mine == theirs or (name == "n_ctx" and 0 < mine < theirs):
+            continue
+        hint = (
+            f"the source's position embeddings cover {theirs} tokens, so n_ctx may be at most that"
+            if name == "n_ctx"
+            else f"remove {key}: the shape comes from the weights"
+        )
+        raise UserError(
+            f"{key}={mine} in {where} conflicts with model.init_from {source}, which has {name}={theirs}; {hint}"
+        )
 
 
 def _check_override_key(cfg: DictConfig, key: str) -> None:

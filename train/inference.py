@@ -9,17 +9,23 @@ Three layouts are accepted (the checkpoint writer fixes the first two):
   tokenizer.json. Under ZeRO-2 the fp32 master weights are partitioned across the ranks' optimizer
   files, so they are gathered with DeepSpeed's own zero_to_fp32 rather than read from the (possibly
   bf16) module copy.
-- export directory: ``model.safetensors`` (fp32, our parameter names, or GPT-2's transposed layout in a
-  Hugging Face export), ``config.yaml`` and ``tokenizer.json``.
+- export directory: ``model.safetensors`` (fp32, our parameter names), ``config.yaml`` and
+  ``tokenizer.json``.
+- Hugging Face folder: ``config.json`` of a GPT-2 or GPT-Neo model with its weights in any layout
+  transformers reads (safetensors or .bin, one file or sharded, keys with or without the
+  ``transformer.`` prefix) and its tokenizer (tokenizer.json, or vocab.json + merges.txt). Our own
+  ``export --format hf`` writes one, with config.yaml beside it for the run's other settings.
 
-deepspeed is imported only when a DeepSpeed checkpoint is actually read, so sampling an export needs
-none of it.
+The same resolution serves ``model.init_from``: `source_model_config` reads only a source's shape (for
+load_config) and `source_state_dict` its weights (for the trainer). deepspeed is imported only when a
+DeepSpeed checkpoint is read, and transformers only when a Hugging Face folder is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -32,18 +38,20 @@ from torch import Tensor
 
 from ..model.config import ModelConfig
 from ..model.gpt import GPT
-from ..model.hf import from_hf_state_dict
+from ..model.hf import Unmappable, config_from_hf, from_hf
 from .checkpoint import LATEST, META, checkpoint_root, find_latest
 from .config import Config, read_config_file
+from .data.tokenizer import load_tokenizer
 from .engine import pick_device  # the one owner of device choice; sample and eval import it from here
 from .errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPORT_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP/DeepSpeed wrappers
 _WHAT_TO_PASS = (
-    "pass a run directory (with checkpoints/latest), a checkpoint directory (RUN/checkpoints/<tag>) "
-    "or an export directory (with model.safetensors)"
+    "pass a run directory (with checkpoints/latest), a checkpoint directory (RUN/checkpoints/<tag>), "
+    "an export directory (with model.safetensors) or a Hugging Face GPT-2 or GPT-Neo folder (with config.json)"
 )
 
 
@@ -51,13 +59,15 @@ _WHAT_TO_PASS = (
 class ResolvedPath:
     """Where the pieces of a model live, once the user's path has been understood."""
 
-    kind: Literal["run", "checkpoint", "export"]
+    kind: Literal["run", "checkpoint", "export", "hf"]
     weights_dir: Path
-    """The DeepSpeed checkpoint directory (run, checkpoint) or the export directory."""
-    config_file: Path
-    """The resolved config.yaml to rebuild the model from."""
+    """The DeepSpeed checkpoint directory (run, checkpoint), the export directory or the HF folder."""
+    config_file: Path | None
+    """The resolved config.yaml: the model's shape, except in an HF folder, where config.json has it and a
+    config.yaml (written by our export) only adds the run's other settings."""
     tokenizer_file: Path | None
-    """tokenizer.json, or None when neither the weights' directory nor the run has one."""
+    """tokenizer.json (or, in an HF folder without one, the folder with vocab.json + merges.txt); None
+    when there is none."""
     run_dir: Path | None = None
     """The run directory, when the weights belong to one."""
 
@@ -87,13 +97,18 @@ def _first_file(name: str, *dirs: Path | None) -> Path | None:
 
 
 def resolve(path: str | Path) -> ResolvedPath:
-    """Work out whether `path` is a run, a checkpoint or an export directory, and where its parts are."""
+    """Work out whether `path` is a run, checkpoint, export or Hugging Face directory, and where its parts are."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p} does not exist; {_WHAT_TO_PASS}")
     if not p.is_dir():
         raise UserError(f"{p} is a file; {_WHAT_TO_PASS}")
     run_dir: Path | None
+    if (p / HF_CONFIG).is_file():
+        tokenizer = _first_file("tokenizer.json", p)
+        if tokenizer is None and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            tokenizer = p
+        return ResolvedPath("hf", p, _first_file("config.yaml", p), tokenizer)
     if (p / EXPORT_WEIGHTS).is_file():
         kind, weights, run_dir = "export", p, None
     elif _is_checkpoint(p):
@@ -180,42 +195,152 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, Tensor]:
     return _strip_prefixes(state)
 
 
-def _export_state_dict(export_dir: Path, model: ModelConfig) -> dict[str, Tensor]:
+def _export_state_dict(export_dir: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = export_dir / EXPORT_WEIGHTS
     try:
-        state = _strip_prefixes(load_file(str(f)))
+        return _strip_prefixes(load_file(str(f)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{f} is not a readable safetensors file ({exc}); export the model again") from exc
-    c_attn = state.get("transformer.h.0.attn.c_attn.weight")
-    if c_attn is not None and tuple(c_attn.shape) == (model.d_model, 3 * model.d_model):
-        state = from_hf_state_dict(state)  # a Hugging Face export stores GPT-2's transposed Conv1D layout
-    return state
+
+
+def _hf_config(folder: Path) -> dict:
+    f = folder / HF_CONFIG
+    try:
+        hf = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{f} is not a readable JSON file ({exc})") from exc
+    if not isinstance(hf, dict):
+        raise UserError(f"{f} must hold a JSON object, not a {type(hf).__name__}")
+    return hf
+
+
+def _hf_model_config(folder: Path) -> ModelConfig:
+    try:
+        return config_from_hf(_hf_config(folder))
+    except Unmappable as exc:
+        raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
+
+
+def _hf_state_dict(folder: Path) -> dict[str, Tensor]:
+    """The folder's weights in our names, read by transformers (every layout it knows) and mapped by
+    model/hf.py. Loading fails loudly where transformers would quietly initialize missing weights."""
+    hf = _hf_config(folder)
+    try:
+        config_from_hf(hf)  # refuse what we cannot represent before reading any weights
+    except Unmappable as exc:
+        raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # OSError, ValueError, safetensors and pickle errors
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"transformers cannot load the weights in {folder}: {reason}") from exc
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("lm_head.weight")]
+    if missing:
+        raise UserError(
+            f"the weights in {folder} lack {len(missing)} of the model's tensors (first: {missing[0]}); "
+            "they do not belong to its config.json"
+        )
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    try:
+        return from_hf(hf, state)[1]
+    except Unmappable as exc:
+        raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
+
+
+def source_model_config(resolved: ResolvedPath) -> ModelConfig:
+    """The model's shape, without reading its weights."""
+    if resolved.kind == "hf":
+        return _hf_model_config(resolved.weights_dir)
+    assert resolved.config_file is not None  # resolve() refuses a scalegpt directory without one
+    return read_config_file(resolved.config_file).model
+
+
+def source_state_dict(resolved: ResolvedPath) -> dict[str, Tensor]:
+    """The fp32 weights on the CPU, under our parameter names, whatever layout they were stored in."""
+    if resolved.kind == "hf":
+        return _hf_state_dict(resolved.weights_dir)
+    if resolved.kind == "export":
+        return _export_state_dict(resolved.weights_dir)
+    return consolidated_state_dict(resolved.weights_dir)
+
+
+def read_run_config(resolved: ResolvedPath) -> Config:
+    """The config to run the model with: its config.yaml, and in an HF folder the shape from config.json
+    (a folder from elsewhere has no config.yaml and gets the defaults for everything else)."""
+    if resolved.kind != "hf":
+        assert resolved.config_file is not None
+        return read_config_file(resolved.config_file)
+    cfg = read_config_file(resolved.config_file) if resolved.config_file is not None else Config()
+    cfg.model = _hf_model_config(resolved.weights_dir)
+    return cfg
 
 
 def read_tokenizer(resolved: ResolvedPath) -> Tokenizer:
-    """The run's tokenizer.json, or UserError saying where it was looked for."""
+    """The model's tokenizer, or UserError saying where it was looked for."""
     f = resolved.tokenizer_file
     if f is None:
         where = resolved.weights_dir if resolved.run_dir is None else f"{resolved.weights_dir} or {resolved.run_dir}"
         raise UserError(f"no tokenizer.json in {where}; copy the run's tokenizer.json there")
+    if f.is_dir():
+        return load_tokenizer(f)  # an HF folder with GPT-2's vocab.json + merges.txt
     try:
         return Tokenizer.from_file(str(f))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise UserError(f"{f} is not a valid tokenizers JSON file ({exc})") from exc
 
 
+def model_from_state(config: ModelConfig, state: dict[str, Tensor], origin: Path | str) -> GPT:
+    """A GPT of `config` holding `state` (on the CPU, in the state's dtype), with nothing drawn at random.
+    Position embeddings longer than config.n_ctx keep their first n_ctx rows: a run may start from a
+    model with a longer context and train a shorter one."""
+    wpe = "transformer.wpe.weight"
+    if wpe in state and state[wpe].shape[0] > config.n_ctx:
+        state = {**state, wpe: state[wpe][: config.n_ctx].clone()}
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"weights in {origin} do not fit the model's shape: {detail}") from exc
+    return model
+
+
+def check_source_tokenizer(source: str | Path, data_dir: str | Path) -> str | None:
+    """data_dir must be tokenized the way model.init_from's weights read text. A source without a tokenizer
+    can only be checked by vocabulary size (load_config took it from the weights, the trainer compares it
+    with the manifest): the returned note says so."""
+    from .data.tokenizer import load_tokenizer, same_vocabulary
+
+    resolved = resolve(source)
+    if resolved.tokenizer_file is None:
+        return f"{source} has no tokenizer: only its vocabulary size is checked against {data_dir}"
+    if not same_vocabulary(read_tokenizer(resolved), load_tokenizer(Path(data_dir) / "tokenizer.json")):
+        raise UserError(
+            f"{data_dir} was prepared with a different tokenizer than the weights of model.init_from {source}; "
+            f"set data.tokenizer to {source} (or the tokenizer they were trained with) and run `scalegpt prepare` "
+            "again, into a new data.dir"
+        )
+    return None
+
+
 def load_for_inference(
     path: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Tokenizer, Config]:
-    """(model in eval mode, tokenizer, config) from a run, checkpoint or export directory.
+    """(model in eval mode, tokenizer, config) from a run, checkpoint, export or Hugging Face directory.
 
     The default dtype is bf16 on CUDA (halves the bytes read per token) and fp32 on CPU, where bf16
     matmuls are slow on most chips."""
     resolved = resolve(path)
-    cfg = read_config_file(resolved.config_file)
+    cfg = read_run_config(resolved)
     tokenizer = read_tokenizer(resolved)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(
@@ -223,17 +348,7 @@ def load_for_inference(
             f"{cfg.model.vocab_size}; they come from different runs"
         )
     dev = pick_device(device)
-    if resolved.kind == "export":
-        state = _export_state_dict(resolved.weights_dir, cfg.model)
-    else:
-        state = consolidated_state_dict(resolved.weights_dir)
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise UserError(f"weights in {resolved.weights_dir} do not fit {resolved.config_file}: {detail}") from exc
+    model = model_from_state(cfg.model, source_state_dict(resolved), resolved.weights_dir)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model.to(device=dev, dtype=dtype)
     model.eval()

@@ -32,6 +32,7 @@ from .engine import (
     resolve_device,
 )
 from .errors import SharedUserError, UserError, check_writable_dir
+from .inference import check_source_tokenizer, model_from_state, resolve, source_state_dict
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
 from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog
@@ -235,6 +236,7 @@ class Trainer:
         # Everything that may refuse the start runs before anything is written, so a refusal changes nothing.
         self._on_main(self._check_run_dir)
         resume = self._plan_resume()
+        start = self._starting_weights() if resume is None and cfg.model.init_from else None
         self._on_main(self._write_run_dir)
         # Rank 0's records, so that every rank skips the same samples and fires the same faults even where
         # the run directory is not shared.
@@ -244,7 +246,10 @@ class Trainer:
         self.drill.fired = broadcast_object(self.drill.fired)
         self.watchdog = Watchdog(cfg.train.step_timeout_s)
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
+        if start is None:
+            model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
+        else:
+            model = model_from_state(cfg.model, start, str(cfg.model.init_from)).to(env.device)
         self.engine = build_engine(cfg, model, env, load_universal=resume is not None and resume.universal)
         if resume is not None:
             self._resume(resume)
@@ -314,6 +319,22 @@ class Trainer:
                 ckpt.to_universal(resume.path, self.run_dir)
             dist.barrier()
         return resume
+
+    def _starting_weights(self) -> dict[str, torch.Tensor]:
+        """model.init_from's weights, which every rank reads for itself (no collective moves them), after
+        rank 0 has checked that the data was tokenized as they expect. The optimizer, schedule, data order
+        and step start from zero."""
+        source = str(self.cfg.model.init_from)
+
+        def check() -> None:
+            note = check_source_tokenizer(source, self.cfg.data.dir)
+            if note:
+                self.console.print(f"note: {note}")
+
+        self._on_main(check)
+        state = source_state_dict(resolve(source))
+        self.console.print(f"starting from the weights of {source} (step 0, fresh optimizer and schedule)")
+        return state
 
     def _resume(self, resume: ckpt.Resume) -> None:
         self.state = self.checkpointer.load(self.engine, resume)

@@ -119,6 +119,27 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(canonical_json(tok).encode("utf-8")).hexdigest()
 
 
+_PROBE = "Hello, world! It's 2026: naïve café, 東京, \t tabs\n\nand <|endoftext|> 12 plus 7 is 19."
+"""Text that exercises the pipeline around the vocabulary: spaces, digits, accents, CJK, EOT."""
+
+
+def _merges(tok_json: dict) -> list[tuple[str, ...]]:
+    """BPE merges, whichever of the two JSON spellings (``"a b"`` or ``["a", "b"]``) the file uses."""
+    merges = tok_json.get("model", {}).get("merges") or []
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether `a` and `b` give text the same ids: the same vocabulary, merges and pipeline. Unlike
+    tokenizer_hash, files that differ only in spelling count as one tokenizer: GPT-2's vocab.json +
+    merges.txt, its hub tokenizer.json and the packaged copy are all the same."""
+    if a.get_vocab(with_added_tokens=True) != b.get_vocab(with_added_tokens=True):
+        return False
+    if _merges(json.loads(a.to_str())) != _merges(json.loads(b.to_str())):
+        return False
+    return a.encode(_PROBE).ids == b.encode(_PROBE).ids
+
+
 def vocab_size(tok: Tokenizer) -> int:
     """All ids the tokenizer can emit, special tokens included."""
     return tok.get_vocab_size(with_added_tokens=True)
