@@ -3,7 +3,7 @@
 # user would, in a fresh folder (default /tmp/continue-gpt2).
 #
 # A user fetches openai-community/gpt2 from the hub into models/gpt2. This machine has no hub, so the
-# first stage makes a stand-in of GPT-2's layout: a small GPT-2 (4 layers, width 256, GPT-2's tokenizer)
+# first stage makes a stand-in of GPT-2's layout: a small GPT-2 (4 layers, width 128, GPT-2's tokenizer)
 # pretrained here on Tiny Shakespeare from ../shared/data and exported with `scalegpt export --format hf`,
 # which writes the same GPT2LMHeadModel folder (config.json, model.safetensors, tokenizer). The second
 # stage is the recipe itself, with CPU-sized overrides (fp32, a 128-token context, 200 steps).
@@ -21,15 +21,15 @@ echo "== stage 1: a stand-in for the hub's gpt2 (pretrained on Tiny Shakespeare,
 cat > standin.yaml <<'EOF'
 defaults:
   data: shakespeare
-model: {n_layer: 4, n_head: 4, d_model: 256, n_ctx: 256, vocab_size: 50257, attention: dense}
+model: {n_layer: 4, n_head: 4, d_model: 128, n_ctx: 256, vocab_size: 50257, attention: dense}
 data: {dir: prepared/standin, tokenizer: gpt2}
 run: {dir: runs/standin}
-train: {max_steps: 300, micro_batch: 8, global_batch: 16, precision: fp32, device: cpu}
+train: {max_steps: 200, micro_batch: 4, global_batch: 8, precision: fp32, device: cpu}
 optim: {lr: 1.0e-3}
-schedule: {warmup_tokens: 81920, decay_tokens: 1228800}
-checkpoint: {every: 300}
+schedule: {warmup_tokens: 40960, decay_tokens: 409600}
+checkpoint: {every: 200}
 log: {every: 50}
-eval: {every: 300, batches: 4}
+eval: {every: 200, batches: 4}
 EOF
 "$SG" prepare standin.yaml
 "$SG" launch standin.yaml --procs 2
@@ -43,7 +43,9 @@ CPU=(train.precision=fp32 train.device=cpu model.n_ctx=128 train.max_steps=200 t
 T2=$(date +%s)
 "$SG" prepare continue-gpt2 "${CPU[@]}"
 "$SG" launch continue-gpt2 --procs 2 "${CPU[@]}"
-"$SG" sample runs/continue-gpt2 --prompt "Q: What is 12 plus 7? A:" --max-new-tokens 30 --temperature 0 --seed 0
-"$SG" sample models/gpt2 --prompt "Q: What is 12 plus 7? A:" --max-new-tokens 30 --temperature 0 --seed 0
+for model in runs/continue-gpt2 models/gpt2; do  # after the recipe, and the weights it started from
+  echo "-- $model"
+  "$SG" sample "$model" --prompt "The" --max-new-tokens 40 --temperature 0.8 --top-p 0.9 --seed 1
+done
 END=$(date +%s)
 echo "stage 1: $((T2 - START)) s; stage 2 (the recipe): $((END - T2)) s"

@@ -110,6 +110,14 @@ def test_alternating_attention_exports_to_gpt_neo(tmp_path: Path) -> None:
     x = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, model(x)[0], atol=1e-5, rtol=0)
+    # and back: sample, eval and init_from read the GPT-Neo folder as the model it came from
+    back, _, back_cfg = load_for_inference(tmp_path / "neo", device="cpu")
+    assert (back_cfg.model.attention, back_cfg.model.local_window, back_cfg.model.qkv_bias) == ("alternating", 4, False)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], model(x)[0], atol=1e-5, rtol=0)
+    neo = str(tmp_path / "neo")
+    shown = scalegpt("train", "smoke", "--dry-run", f"model.init_from={neo}", f"data.tokenizer={neo}").stdout
+    assert "  attention: alternating\n" in shown and "  n_layer: 3\n" in shown and "  qkv_bias: false\n" in shown
 
 
 def test_a_query_bias_cannot_become_gpt_neo(tmp_path: Path) -> None:

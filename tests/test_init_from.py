@@ -130,6 +130,13 @@ def test_a_run_starts_from_another_runs_weights_on_new_data(reference_runs, tmp_
     # arithmetic's 0.4 MB is generated alike in both: the same validation windows, the same weights
     assert abs(ours[0]["val_loss/arithmetic"] - last["val_loss/arithmetic"]) < 1e-5
     assert ours[0]["val_loss/scramble"] != pytest.approx(last["val_loss/scramble"], abs=1e-4)  # other data
+    resumed = scalegpt(
+        "train", SMOKE, f"run.dir={run}", f"data.dir={data}", *other_mix,
+        f"model.init_from={source}", f"data.tokenizer={source}",
+        "train.max_steps=4", "eval.every=5", "log.every=1", "checkpoint.every=0",
+    )  # fmt: skip
+    assert "resumed from" in resumed.stdout and "starting from the weights" not in resumed.stdout  # its own
+    assert [m["step"] for m in metrics(run) if m["loss"] is not None] == [1, 2, 3, 4]
     first = next(m for m in ours if m["step"] == 1)
     assert first["lr"] == next(m for m in theirs if m["step"] == 1)["lr"]  # the schedule starts again
     random_start = next(m for m in theirs if m["step"] == 0)["val_loss/arithmetic"]
@@ -161,6 +168,10 @@ def test_the_shape_comes_from_the_source_and_conflicts_are_named(gpt2_dir: Path,
     run_yaml.write_text(f"defaults:\n  data: builtin\nmodel:\n  init_from: {gpt2_dir}\n  d_model: 64\n")
     line = _error("train", str(run_yaml), "--dry-run", f"data.tokenizer={gpt2_dir}")
     assert f"model.d_model=64 in {run_yaml} conflicts" in line and "d_model=32" in line
+    neo = _neo_dir(tmp_path / "neo")  # GPT-Neo: alternating layers, no q/k/v biases, its window
+    shown = _dry_run(f"model.init_from={neo}", f"data.tokenizer={neo}")
+    for line in ("attention: alternating", "local_window: 8", "qkv_bias: false", "n_ctx: 48"):
+        assert f"  {line}\n" in shown
     # the tokenizer comes with the weights: interpolating init_from is the YAML way to say so
     run_yaml.write_text(
         f"defaults:\n  data: builtin\nmodel:\n  init_from: {gpt2_dir}\ndata:\n  tokenizer: ${{model.init_from}}\n"
@@ -183,6 +194,16 @@ def test_unrepresentable_gpt2_configs_are_refused(changes: dict, named: str, tmp
     line = _error("train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
     assert "model.init_from" in line and named in line
     assert named in _error("sample", str(folder), "--prompt", "x")
+
+
+def test_a_gpt_neo_layer_pattern_other_than_ours_is_refused(tmp_path: Path) -> None:
+    folder = _neo_dir(tmp_path / "neo")
+    hf = json.loads((folder / "config.json").read_text())
+    hf["attention_types"] = [[["local", "global"], 1]]  # layer 0 local: not GPT-3's alternation
+    (folder / "config.json").write_text(json.dumps(hf))
+    line = _error("train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
+    assert "attention_types" in line
+    assert "attention_types" in _error("sample", str(folder), "--prompt", "x")
 
 
 def test_bad_sources_are_refused(gpt2_dir: Path, tmp_path: Path) -> None:
