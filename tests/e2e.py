@@ -24,6 +24,15 @@ SMALL_DATA = [
 ]
 
 
+def like_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with Ctrl-C: SIGINT back to its default. A shell that runs
+    the suite in the background (`make test &`, CI runners) starts it with SIGINT ignored, the children
+    would inherit that, and no Ctrl-C could reach them; a terminal's foreground job never has it ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def scalegpt(
     *args: str,
     timeout: float = 300,

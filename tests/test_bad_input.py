@@ -34,7 +34,7 @@ from scalegpt.model import GPT, ModelConfig
 from scalegpt.train.config import Config, load_config, to_yaml
 
 from conftest import ROOT
-from e2e import SMALL_DATA, SMOKE, free_port
+from e2e import SMALL_DATA, SMOKE, free_port, like_a_terminal
 
 MODEL = dict(n_layer=1, n_head=2, d_model=32, n_ctx=32, vocab_size=300)
 CORPUS = ["the quick brown fox jumps over the lazy dog.", "héllo wörld, naïve café 🙂", "to be or not to be"] * 20
@@ -400,6 +400,7 @@ def _scalegpt(*args: str, env: dict[str, str] | None = None, **kw: object) -> su
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group: a signal to the group reaches every rank, as Ctrl-C does
+        preexec_fn=like_a_terminal,
         **kw,  # type: ignore[arg-type]
     )
 

@@ -25,6 +25,8 @@ from scalegpt.launch.cli import main
 from scalegpt.train.data import builtin
 from scalegpt.train.data.tokenizer import save_tokenizer, train_bpe
 
+from e2e import like_a_terminal
+
 TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
 SCALEGPT = Path(sys.executable).with_name("scalegpt")
 
@@ -185,6 +187,7 @@ def start(cfg: Path) -> psutil.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=like_a_terminal,
     )
 
 
