@@ -177,6 +177,8 @@ def test_the_shape_comes_from_the_source_and_conflicts_are_named(gpt2_dir: Path,
         f"defaults:\n  data: builtin\nmodel:\n  init_from: {gpt2_dir}\ndata:\n  tokenizer: ${{model.init_from}}\n"
     )
     assert f"tokenizer: {gpt2_dir}\n" in scalegpt("train", str(run_yaml), "--dry-run").stdout
+    shown = _dry_run(f"model.init_from={gpt2_dir}", "data.tokenizer=${model.init_from}")  # the same, as an override
+    assert f"  tokenizer: {gpt2_dir}\n" in shown
 
 
 @pytest.mark.parametrize(

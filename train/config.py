@@ -540,7 +540,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if not sep or not key:
             raise UserError(f"override {item!r} is not key=value (for example model.n_layer=4)")
         try:
-            value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+            # an interpolation (data.tokenizer='${model.init_from}') is resolved against the whole config, later
+            value = text if "${" in text else OmegaConf.from_dotlist([f"value={text}"])["value"]
             _check_override_key(merged, key)
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as exc:
