@@ -15,6 +15,7 @@ from scalegpt.launch.cli import main
 from scalegpt.train.config import PACKAGED_CONFIGS, load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer
+from scalegpt.train.errors import UserError
 
 from conftest import CONFIGS
 
@@ -64,6 +65,15 @@ def test_a_packaged_preset_by_name_from_another_directory(tmp_path: Path, monkey
     by_path = load_config("configs/smoke.yaml")  # the README's spelling works from here too
     assert by_path == load_config("smoke") and by_path.run.dir == "runs/smoke"
     assert load_config("gpt3-small").model.d_model == 768
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()  # say, where the user keeps the smoke job's outputs
+    assert load_config("smoke").run.dir == "runs/smoke"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="mine is a directory"):
+        load_config("mine")
 
 
 def test_a_file_in_the_working_directory_wins_over_the_packaged_preset(tmp_path: Path, monkeypatch) -> None:

@@ -211,6 +211,8 @@ def test_a_gpt_neo_layer_pattern_other_than_ours_is_refused(tmp_path: Path) -> N
 def test_bad_sources_are_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     line = _error("train", SMOKE, "--dry-run", f"model.init_from={tmp_path / 'nope'}", "data.tokenizer=gpt2")
     assert "model.init_from" in line and "does not exist" in line
+    line = _error("train", SMOKE, "--dry-run", "model.init_from=openai-community/gpt2", "data.tokenizer=gpt2")
+    assert "read offline" in line and "hf download openai-community/gpt2 --local-dir" in line  # a hub name
     line = _error("train", SMOKE, "--dry-run", f"model.init_from={gpt2_dir}")  # data.tokenizer left at bpe
     assert "data.tokenizer" in line and "model.init_from" in line
     empty = tmp_path / "empty"  # config.json and a weights file that holds none of the model's tensors

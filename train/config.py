@@ -423,14 +423,14 @@ def find_config(spec: str | Path) -> Path:
     """A run config: a YAML file, else a packaged preset by name (``smoke``, ``gpt3-small``) or by its
     path in the repository (``configs/smoke.yaml``). A file of that path in the current directory wins."""
     path = Path(spec)
-    if path.is_dir():
-        raise UserError(f"config {spec} is a directory; pass a YAML file, such as configs/smoke.yaml")
-    if path.is_file() or path.is_absolute():
+    if path.is_file() or (path.is_absolute() and not path.is_dir()):
         return path
     candidates = [PACKAGED_CONFIGS / path, PACKAGED_CONFIGS / f"{spec}.yaml"]
     if path.parts and path.parts[0] == "configs":
         candidates.append(PACKAGED_CONFIGS.parent / path)
     found = next((c for c in candidates if c.is_file()), None)
+    if found is None and path.is_dir():  # a folder named like a preset (./continue-gpt2) does not hide it
+        raise UserError(f"config {spec} is a directory; pass a YAML file, such as configs/smoke.yaml")
     if found is None:
         names = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
         raise UserError(f"config file {spec} does not exist; pass a YAML file or a packaged preset: {names}")

@@ -100,7 +100,13 @@ def resolve(path: str | Path) -> ResolvedPath:
     """Work out whether `path` is a run, checkpoint, export or Hugging Face directory, and where its parts are."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"{p} does not exist; {_WHAT_TO_PASS}")
+        hub = ""
+        if not p.is_absolute() and len(p.parts) <= 2:  # a hub name (gpt2, openai-community/gpt2), or the folder for one
+            hub = (
+                "; weights are read offline, so download a Hugging Face Hub model into a folder first "
+                "(`hf download openai-community/gpt2 --local-dir models/gpt2`) and pass the folder"
+            )
+        raise UserError(f"{p} does not exist; {_WHAT_TO_PASS}{hub}")
     if not p.is_dir():
         raise UserError(f"{p} is a file; {_WHAT_TO_PASS}")
     run_dir: Path | None
