@@ -80,6 +80,22 @@ def _hf_losses(model: torch.nn.Module, run: Path) -> dict[str, float]:
     return out
 
 
+def test_save_pretrained_and_the_hubs_layout_read_the_same(gpt2_dir: Path, tmp_path: Path) -> None:
+    """What save_pretrained writes (prefixed keys, no mask buffers) and the hub's own layout, of the same
+    model: both load to the same weights, whose logits are transformers'."""
+    torch.manual_seed(0)  # _hub_gpt2's draw
+    config = transformers.GPT2Config(**GPT2_SHAPE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(str(tmp_path / "saved"))
+    load_tokenizer("gpt2").save(str(tmp_path / "saved" / "tokenizer.json"))
+    saved = load_for_inference(tmp_path / "saved", device="cpu")[0]
+    hub = load_for_inference(gpt2_dir, device="cpu")[0].state_dict()
+    assert all(torch.equal(v, hub[k]) for k, v in saved.state_dict().items())
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(saved(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
+
+
 def test_step0_validation_loss_equals_transformers_loss(gpt2_dir: Path, gpt2_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = scalegpt(
