@@ -87,33 +87,47 @@ def test_save_pretrained_and_the_hubs_layout_read_the_same(gpt2_dir: Path, tmp_p
     config = transformers.GPT2Config(**GPT2_SHAPE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     theirs = transformers.GPT2LMHeadModel(config).eval()
     theirs.save_pretrained(str(tmp_path / "saved"))
-    load_tokenizer("gpt2").save(str(tmp_path / "saved" / "tokenizer.json"))
-    saved = load_for_inference(tmp_path / "saved", device="cpu")[0]
+    theirs.save_pretrained(str(tmp_path / "sharded"), max_shard_size="1MB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    (tmp_path / "bin").mkdir()  # the hub's older pickle layout, keys unprefixed as in its gpt2 repository
+    shutil.copy(gpt2_dir / "config.json", tmp_path / "bin" / "config.json")
+    unprefixed = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    torch.save(unprefixed, tmp_path / "bin" / "pytorch_model.bin")
     hub = load_for_inference(gpt2_dir, device="cpu")[0].state_dict()
-    assert all(torch.equal(v, hub[k]) for k, v in saved.state_dict().items())
+    for folder in ("saved", "sharded", "bin"):
+        load_tokenizer("gpt2").save(str(tmp_path / folder / "tokenizer.json"))
+        saved = load_for_inference(tmp_path / folder, device="cpu")[0]
+        assert all(torch.equal(v, hub[k]) for k, v in saved.state_dict().items()), folder
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(saved(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
 
 
 def test_step0_validation_loss_equals_transformers_loss(gpt2_dir: Path, gpt2_data: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = scalegpt(
-        "train", SMOKE, f"run.dir={run}", f"data.dir={gpt2_data}", *SMALL_DATA,
-        f"model.init_from={gpt2_dir}", f"data.tokenizer={gpt2_dir}",
-        "train.max_steps=2", "eval.batches=2", "checkpoint.every=0", "model.dropout=0.1",
-    )  # fmt: skip
-    assert f"starting from the weights of {gpt2_dir}" in proc.stdout
+    run, source = tmp_path / "run", tmp_path / "gpt2"
+    shutil.copytree(gpt2_dir, source)  # a copy, moved away below
+
+    def train(steps: int) -> str:
+        return scalegpt(
+            "train", SMOKE, f"run.dir={run}", f"data.dir={gpt2_data}", *SMALL_DATA,
+            f"model.init_from={source}", f"data.tokenizer={source}",
+            f"train.max_steps={steps}", "eval.batches=2", "checkpoint.every=0", "model.dropout=0.1",
+        ).stdout  # fmt: skip
+
+    assert f"starting from the weights of {source}" in train(2)
     cfg = read_config_file(run / "config.yaml")
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, cfg.model.vocab_size) == (2, 32, 64, 50257)
     assert cfg.model.dropout == 0.1  # dropout is the run's to choose
     step0 = next(m for m in metrics(run) if m["step"] == 0)
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(gpt2_dir), local_files_only=True).eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(source), local_files_only=True).eval()
     expected = _hf_losses(theirs, run)
     assert expected  # every source has validation batches
     for name, loss in expected.items():
         assert abs(step0[f"val_loss/{name}"] - loss) < 1e-5, (name, step0[f"val_loss/{name}"], loss)
     assert [m["step"] for m in metrics(run) if m["loss"] is not None] == [1, 2]  # a fresh step count
+    source.rename(tmp_path / "moved")  # a run with a checkpoint of its own needs its source no more
+    assert "resumed from" in train(3)
+    assert [m["step"] for m in metrics(run) if m["loss"] is not None] == [1, 2, 3]
 
 
 def test_eval_reads_a_hugging_face_folder(gpt2_dir: Path, gpt2_data: Path, tmp_path: Path) -> None:
