@@ -333,3 +333,19 @@ def test_real_smoke_run_peak_memory(request: pytest.FixtureRequest, tmp_path: Pa
     plan = make_plan(load_config(SMOKE, overrides), 2, 80, 400)
     for m in results:
         assert _close(m["peak"], plan.peak.total, 0.25), (m["peak"] / GiB, plan.peak.total / GiB)
+
+
+def test_qkv_bias_false_on_the_command_line_drops_only_the_qkv_biases(capsys: pytest.CaptureFixture[str]) -> None:
+    from scalegpt.model import build_model
+
+    counts = []
+    for override in ("model.qkv_bias=true", "model.qkv_bias=false"):
+        assert main(["plan", "smoke", override]) == 0
+        shown = capsys.readouterr().out.split("parameters", 1)[1].split()[0]
+        built = build_model(load_config("smoke", [override]).model)
+        assert int(shown.replace(",", "")) == built.num_params()  # plan counts what the trainer builds
+        counts.append(built.num_params())
+        assert (built.transformer.h[0].attn.c_attn.bias is None) == override.endswith("false")
+        assert built.transformer.h[0].attn.c_proj.bias is not None
+    cfg = load_config("smoke")
+    assert counts[0] - counts[1] == 3 * cfg.model.d_model * cfg.model.n_layer

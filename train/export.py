@@ -25,7 +25,7 @@ from ..model import GPT
 from ..model.generate import generate
 from ..model.hf import Unmappable, to_hf
 from .config import Config, to_yaml
-from .data.tokenizer import EOT
+from .data.tokenizer import EOT, eot_id
 from .errors import UserError, check_writable_dir
 from .inference import load_for_inference
 
@@ -61,9 +61,7 @@ def write_safetensors(out: Path, model: GPT, cfg: Config, tokenizer_json: str) -
 
 def write_hf(out: Path, model: GPT, cfg: Config, tokenizer: Tokenizer) -> str:
     """A directory that AutoModelForCausalLM and AutoTokenizer load offline; returns its model class."""
-    eot = tokenizer.token_to_id(EOT)
-    if eot is None:
-        raise UserError(f"the tokenizer has no {EOT} token, which the Hugging Face config needs as bos and eos")
+    eot = eot_id(tokenizer)  # the Hugging Face config's bos and eos
     try:
         config, state = to_hf(cfg.model, model.state_dict(), bos_token_id=eot, eos_token_id=eot)
     except Unmappable as exc:
@@ -126,8 +124,7 @@ def verify_hf(out: Path, model: GPT, tokenizer: Tokenizer) -> Verification:
             f"the Hugging Face export in {out} does not reproduce our logits (max diff {diff:.2e} > "
             f"{LOGIT_TOLERANCE:.0e})"
         )
-    eot = tokenizer.token_to_id(EOT)
-    prompt = ([eot] + tokenizer.encode(PROMPT).ids)[: max(1, n // 2)]
+    prompt = ([eot_id(tokenizer)] + tokenizer.encode(PROMPT).ids)[: max(1, n // 2)]
     equal, total, tie = _greedy_agreement(model, theirs, prompt)
     return Verification(type(theirs).__name__, diff, equal, total, tie)
 

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -223,21 +224,26 @@ def _hf_config(folder: Path) -> dict:
     return hf
 
 
-def _hf_model_config(folder: Path) -> ModelConfig:
+@contextlib.contextmanager
+def _representable(folder: Path) -> Iterator[None]:
+    """model/hf.py's Unmappable, said as the user's error about this folder."""
     try:
-        return config_from_hf(_hf_config(folder))
+        yield
     except Unmappable as exc:
         raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
+
+
+def _hf_model_config(folder: Path) -> ModelConfig:
+    with _representable(folder):
+        return config_from_hf(_hf_config(folder))
 
 
 def _hf_state_dict(folder: Path) -> dict[str, Tensor]:
     """The folder's weights in our names, read by transformers (every layout it knows) and mapped by
     model/hf.py. Loading fails loudly where transformers would quietly initialize missing weights."""
     hf = _hf_config(folder)
-    try:
+    with _representable(folder):
         config_from_hf(hf)  # refuse what we cannot represent before reading any weights
-    except Unmappable as exc:
-        raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -255,10 +261,8 @@ def _hf_state_dict(folder: Path) -> dict[str, Tensor]:
             "they do not belong to its config.json"
         )
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    try:
+    with _representable(folder):
         return from_hf(hf, state)[1]
-    except Unmappable as exc:
-        raise UserError(f"cannot read the Hugging Face model in {folder}: {exc}") from exc
 
 
 def source_model_config(resolved: ResolvedPath) -> ModelConfig:
