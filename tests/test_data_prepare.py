@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import sysconfig
 from pathlib import Path
 
@@ -23,20 +22,7 @@ from scalegpt.train.data.sources import resolve
 from scalegpt.train.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
 from conftest import CONFIGS
-
-TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
-
-
-def story(seed: int, n: int = 3) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(builtin.prose_document(rng) for _ in range(n))
-
-
-def write_config(path: Path, data: dict, model: dict | None = None) -> Path:
-    """A whole run config as JSON (which is YAML), with no presets, so it can live in tmp_path."""
-    cfg = {"model": {**TINY, **(model or {})}, "data": data, "train": {"max_steps": 10, "micro_batch": 4}}
-    path.write_text(json.dumps(cfg))
-    return path
+from helpers import story, write_config
 
 
 def run_prepare(cfg_path: Path, *overrides: str) -> list[str]:
