@@ -21,7 +21,6 @@ from scalegpt.train.data.prepare import ROW_CHARS, prepare
 from scalegpt.train.data.sources import resolve
 from scalegpt.train.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
-from conftest import CONFIGS
 from helpers import story, write_config
 
 
@@ -278,13 +277,6 @@ def test_gpt3_preset_needs_user_paths(preset_run, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert code == 2 and "source 'common_crawl'" in err and "/path/to/common_crawl_filtered" in err
     assert not (tmp_path / "p").exists()
-
-
-def test_builtin_preset_matches_smoke_sizes() -> None:
-    cfg = load_config(CONFIGS / "smoke.yaml")
-    assert cfg.data.dir == "prepared/builtin" and cfg.model.vocab_size == 512
-    assert [s.builtin for s in cfg.data.sources] == ["arithmetic", "scramble", "prose"]
-    assert sum(s.builtin_mb for s in cfg.data.sources) >= 3.0  # a few MB for the smoke run
 
 
 def test_a_spawned_worker_loads_the_tokenizer_itself(tokenizer_path: Path) -> None:
