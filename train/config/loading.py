@@ -179,7 +179,7 @@ SOURCE_FREE = ("init_from", "dropout", "attn_impl")
 def _source_shape(source: str, merged: DictConfig) -> ModelConfig:
     """model.init_from's shape. A source that has gone since the run started is not needed to resume it:
     the run directory's config.yaml, made from the same source, has the shape."""
-    from ..weights import resolve, source_model_config  # torch comes with it: only runs with init_from pay for it
+    from ..weights import resolve, source_model_config  # brings torch: launch and plan start fast without init_from
 
     try:
         return source_model_config(resolve(source))
