@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import deepspeed_config, pick_device, resolve_device
 from scalegpt.train.errors import UserError
 
@@ -140,7 +140,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
     extensions.mkdir()
     code = (
         "import torch, torch.distributed as dist\n"
-        "from scalegpt.train.config import load_config\n"
+        "from scalegpt.train.config.loading import load_config\n"
         "from scalegpt.train.engine import init_distributed\n"
         f"init_distributed(load_config({SMOKE!r}, ['train.dist_timeout_minutes=7']))\n"
         "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
@@ -161,7 +161,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
 ACCUMULATE = """
 import sys, torch
 from scalegpt.model import build_model
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import build_engine, init_distributed
 cfg = load_config(sys.argv[1], sys.argv[2:])
 env = init_distributed(cfg)
