@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import scalegpt.launch.cli as cli
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 
 from conftest import CONFIGS, ROOT
