@@ -31,7 +31,8 @@ from tokenizers import ByteLevelBPETokenizer
 
 from scalegpt.launch.cli import main
 from scalegpt.model import GPT, ModelConfig
-from scalegpt.train.config import Config, load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import Config, to_yaml
 
 from conftest import ROOT
 from e2e import SMALL_DATA, SMOKE, free_port, like_a_terminal

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.mixture import Mixture, describe, feistel
 from scalegpt.train.data.prepare import prepare

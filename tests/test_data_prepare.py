@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.mixture import Mixture
 from scalegpt.train.data.prepare import ROW_CHARS, prepare

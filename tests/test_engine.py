@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import deepspeed_config, pick_device, resolve_device
 from scalegpt.train.errors import UserError
 
@@ -143,7 +143,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
     extensions.mkdir()
     code = (
         "import torch, torch.distributed as dist\n"
-        "from scalegpt.train.config import load_config\n"
+        "from scalegpt.train.config.loading import load_config\n"
         "from scalegpt.train.engine import init_distributed\n"
         f"init_distributed(load_config({SMOKE!r}, ['train.dist_timeout_minutes=7']))\n"
         "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
@@ -164,8 +164,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
 ACCUMULATE = """
 import sys, torch
 from scalegpt.model import build_model
-from scalegpt.launch.cli import main
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import build_engine, init_distributed
 cfg = load_config(sys.argv[1], sys.argv[2:])
 env = init_distributed(cfg)

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from scalegpt.launch.cli import main
 from scalegpt.model import ModelConfig, build_model
-from scalegpt.train.config import read_config_file
+from scalegpt.train.config.schema import read_config_file
 from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer, tokenizer_hash
-from scalegpt.train.inference import load_for_inference, model_from_state
+from scalegpt.train.weights import load_for_inference, model_from_state
 
 from e2e import SMALL_DATA, SMOKE, metrics, scalegpt
 from helpers import one_error_line

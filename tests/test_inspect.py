@@ -14,7 +14,7 @@ import pytest
 
 from scalegpt.launch.cli import main
 from scalegpt.launch.plot import epochs_by_source
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data.mixture import Mixture
 from scalegpt.train.data.steps import rank_indices
 from scalegpt.train.data.tokenizer import load_tokenizer

@@ -22,7 +22,7 @@ from scalegpt.launch.ladder import CAVEAT, GroupFit, Outcome, RungInfo, SizeRule
 from scalegpt.launch.ladder_fit import fit_power_law, fit_power_law_offset
 from scalegpt.launch.ladder_plot import ladder_figure
 from scalegpt.model.config import ModelConfig
-from scalegpt.train.config import from_yaml_text
+from scalegpt.train.config.schema import from_yaml_text
 
 from conftest import CONFIGS, ROOT
 from e2e import SMALL_DATA, SMOKE, fork_run, latest_step, metrics, scalegpt

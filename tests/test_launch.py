@@ -19,7 +19,8 @@ import pytest
 from scalegpt.launch.cli import main
 from scalegpt.launch.launcher import _is_rank, parse_hostfile
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir
-from scalegpt.train.config import load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import to_yaml
 from scalegpt.train.engine import adopt_launcher_env
 from scalegpt.train.errors import UserError
 

@@ -1,4 +1,4 @@
-"""`scalegpt sample` end to end, and the loading it rests on (train/inference.py): run, checkpoint and
+"""`scalegpt sample` end to end, and the loading it rests on (train/weights.py): run, checkpoint and
 export directories, a real one-process DeepSpeed ZeRO-2 checkpoint, bad input of every kind."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.generate import generate
 from scalegpt.model.hf import hf_config, to_hf_state_dict
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir, checkpoint_root, tag_for, write_latest
-from scalegpt.train.config import Config, to_yaml
+from scalegpt.train.config.schema import Config, to_yaml
 from scalegpt.train.errors import UserError
-from scalegpt.train.inference import consolidated_state_dict, load_for_inference, resolve
 from scalegpt.train.osutil import free_port
+from scalegpt.train.weights import consolidated_state_dict, load_for_inference, resolve
 
 from eval_helpers import varied_weights
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from scalegpt.train.checkpoint import checkpoint_dir
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 from scalegpt.train.recovery import Fault, Skip, SkipLog, SpikeDetector, parse_fault
 
@@ -170,7 +170,7 @@ def test_z_loss_matches_its_formula_in_value_and_gradient() -> None:
 
 def test_optim_z_loss_reaches_the_model() -> None:
     from scalegpt.model import build_model
-    from scalegpt.train.config import load_config
+    from scalegpt.train.config.loading import load_config
     from scalegpt.train.engine import configure_model
 
     cfg = load_config(SMOKE, ["optim.z_loss=1e-4"])

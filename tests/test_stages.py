@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data.mixture import Mixture, Stage, describe
 from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Schedule
