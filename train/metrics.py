@@ -37,9 +37,6 @@ class MetricsLog:
         if cfg.log.wandb:
             self._wandb = _start_wandb(run_dir, cfg)
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
     def truncate(self, step: int, *, replace: dict[str, Any] | None = None) -> None:
         """Keep only the rows of steps up to `step` (a resume or a rewind continues after it, so no step is
         logged twice); with `replace`, that step's row is merged with it instead of kept as it was."""
