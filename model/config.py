@@ -110,9 +110,9 @@ class ModelConfig:
         elif self.mup_base_d_head is None and self.n_head > 0 and (self.mup_base_d_model or 0) % self.n_head:
             out.append(
                 (
-                    "mup_base_d_head",
-                    f"is unset, and mup_base_d_model={self.mup_base_d_model} does not split into n_head={self.n_head} "
-                    "heads; set model.mup_base_d_head to the head width of the base shape",
+                    "mup_base_d_model",
+                    f"{self.mup_base_d_model} does not split into n_head={self.n_head} heads; choose a multiple of "
+                    f"{self.n_head}, or set model.mup_base_d_head to the head width of the base shape",
                 )
             )
         return out
