@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from scalegpt.model import GPT, ModelConfig, build_model
-from scalegpt.model.hf import hf_config, to_hf_state_dict
+from scalegpt.model.hf import hf_config, to_hf, to_hf_state_dict
 from scalegpt.train.checkpoint import checkpoint_dir
 from scalegpt.train.config import load_config, to_yaml
 from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS
@@ -170,6 +171,33 @@ def test_groups_init_and_readout_equal_microsofts_mup() -> None:
     readout = mup_pkg.MuSharedReadout(model.transformer.wte.weight, bias=False)
     with torch.no_grad():
         torch.testing.assert_close(model(IDX)[0], readout(final_hidden(model, IDX)), rtol=1e-6, atol=1e-7)
+
+
+# -- export: the multipliers folded into weights ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"bias": False}, {"attention": "alternating", "local_window": 4, "qkv_bias": False}],
+    ids=["gpt2", "gpt2-nobias", "gpt-neo"],
+)
+def test_a_mup_model_exports_as_a_standard_one_with_equal_logits(changes: dict) -> None:
+    """Queries times sqrt(d_head) * attn_scale, the final LayerNorm times 1/m: transformers' standard
+    GPT-2 (or GPT-Neo) then computes our μP logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = mup(WIDE, **changes)
+    ours = GPT(config).eval()
+    for p in ours.parameters():  # non-trivial biases and gains, so a missed fold shows
+        p.data.add_(0.05 * torch.randn_like(p))
+    hf, state = to_hf(config, ours.state_dict(), bos_token_id=49, eos_token_id=49)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf)).eval()
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".masked_bias"))] == []
+    assert unexpected == []
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDX).logits, ours(IDX)[0], atol=1e-4, rtol=0)
+        standard_reading = GPT(replace(config, parametrization="standard", mup_base_d_model=None)).eval()
+        standard_reading.load_state_dict(ours.state_dict())
+        assert (standard_reading(IDX)[0] - ours(IDX)[0]).abs().max() > 1e-2  # so the fold did something
 
 
 # -- the keys as a user sets them ------------------------------------------------------------------------
