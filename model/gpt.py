@@ -18,7 +18,7 @@ it: with m = d_model / mup_base_d_model, the width multiplier,
     =====================================  ==================  ========  ============  ================
 
     logits            = (ln_f(x) / m) @ wte^T                    (MuSharedReadout: output_mult / width_mult)
-    attention scores  = q.k * sqrt(d_head_base) / d_head          (1/d_head, TP5 Section 4; d_head_base is
+    attention scores  = q.k * sqrt(d_head_base) / d_head          (TP5's 1/d_head attention; d_head_base is
                                                                     ModelConfig.mup_base_d_head or base / n_head)
 
 The weight decay is multiplied by m where the LR is divided by it because AdamW decays by lr * wd per step
@@ -201,7 +201,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, *, device: torch.device | str | None = None) -> None:
         """GPT-2 initialization: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2*n_layer))
-        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3).
+        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3). Under μP the hidden
+        matrices' std is further divided by sqrt(m) (the module docstring's table); embeddings keep theirs.
 
         Separate from construction, so a model built on the meta device is materialized on `device`
         (default CPU) here and initialized where it lives: every weight is drawn in place, on its own
