@@ -143,7 +143,9 @@ def test_the_standard_parametrization_keeps_its_two_groups() -> None:
 def test_groups_init_and_readout_equal_microsofts_mup() -> None:
     """mup's MuAdamW, mup.init.normal_ and MuSharedReadout on our model, its base shapes taken from the
     same model at the base width: the figures the trainer uses are theirs."""
-    mup_pkg = pytest.importorskip("mup")
+    pytest.importorskip("mup.optim")  # Microsoft's package, not any other folder named mup on the path
+    import mup as mup_pkg
+
     model = build_model(mup(WIDE), seed=9).eval()
     with torch.device("meta"):
         base = GPT(mup(BASE))
