@@ -89,17 +89,19 @@ def attend(
     start: int = 0,
     dropout_p: float = 0.0,
     block_mask: BlockMask | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Run `kernel` on q (B, H, Tq, Dh) at positions start.., against k, v (B, H, Tk, Dh) at 0..Tk.
-    `block_mask` is the flex kernel's (band_block_mask); the other kernels ignore it."""
+    `block_mask` is the flex kernel's (band_block_mask); the other kernels ignore it. `scale` multiplies
+    the scores (None: 1/sqrt(Dh); μP's is another, ModelConfig.attn_scale)."""
     if kernel == "sdpa_causal":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     if kernel == "sdpa_full":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if kernel == "flex":
         if block_mask is None:
             raise ValueError("the flex kernel needs the band's block mask")
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     q_pos = torch.arange(start, start + q.size(-2), device=q.device)
     mask = attention_mask(q_pos, torch.arange(k.size(-2), device=q.device), window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 @dataclass
@@ -41,6 +44,19 @@ class ModelConfig:
     older configs load. model/attention.py's choose_kernel holds the rule."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (GPT-2 uses 1e-5)."""
+    parametrization: str = "standard"
+    """'standard' (GPT-2's initialization, one learning rate, 1/sqrt(d_head) attention) or 'mup', the maximal
+    update parametrization (Yang et al. 2022, "Tensor Programs V"): initialization, each layer's learning
+    rate, the output logits and the attention scale change with d_model / mup_base_d_model, so that the best
+    learning rate and initialization found at the base width stay the best at any width. model/gpt.py's
+    GPT docstring and docs/mup.md hold the table of rules."""
+    mup_base_d_model: int | None = None
+    """The width that μP scales from (required under mup, refused under standard). At d_model equal to it a
+    μP model is the standard one, so settings tuned there are the μP settings of every width."""
+    mup_base_d_head: int | None = None
+    """The head width at the base shape (mup only); unset means mup_base_d_model / n_head, right when the head
+    count stays fixed as the model widens. A sweep that widens by adding heads of a fixed width sets it to
+    that width, so that its attention keeps the standard 1/sqrt(d_head) scale at every width."""
     init_from: str | None = None
     """Start training from these weights instead of a random draw: a Hugging Face GPT-2 or GPT-Neo folder,
     or a scalegpt run, checkpoint or export directory. Only the weights are taken (optimizer, schedule, data
@@ -67,6 +83,38 @@ class ModelConfig:
             out.append(("attention", f"must be 'dense' or 'alternating', got {self.attention!r}"))
         if self.attn_impl not in ("auto", "flex", "sdpa"):
             out.append(("attn_impl", f"must be 'auto', 'flex' or 'sdpa', got {self.attn_impl!r}"))
+        return out + self._parametrization_problems()
+
+    def _parametrization_problems(self) -> list[tuple[str, str]]:
+        if self.parametrization not in PARAMETRIZATIONS:
+            return [("parametrization", f"must be 'standard' or 'mup', got {self.parametrization!r}")]
+        keys = ("mup_base_d_model", "mup_base_d_head")
+        if self.parametrization == "standard":  # refused, not ignored: a silently ignored key reads as μP on
+            return [
+                (key, "is read only under model.parametrization=mup; set that too, or remove this key")
+                for key in keys
+                if getattr(self, key) is not None
+            ]
+        out: list[tuple[str, str]] = []
+        if self.mup_base_d_model is None or self.mup_base_d_model <= 0:
+            got = "nothing" if self.mup_base_d_model is None else self.mup_base_d_model
+            out.append(
+                (
+                    "mup_base_d_model",
+                    f"must be a positive width under model.parametrization=mup (the width whose tuned settings "
+                    f"μP carries to others, for example the smallest model of a sweep), got {got}",
+                )
+            )
+        if self.mup_base_d_head is not None and self.mup_base_d_head <= 0:
+            out.append(("mup_base_d_head", f"must be a positive head width, got {self.mup_base_d_head}"))
+        elif self.mup_base_d_head is None and self.n_head > 0 and (self.mup_base_d_model or 0) % self.n_head:
+            out.append(
+                (
+                    "mup_base_d_model",
+                    f"{self.mup_base_d_model} does not split into n_head={self.n_head} heads; choose a multiple of "
+                    f"{self.n_head}, or set model.mup_base_d_head to the head width of the base shape",
+                )
+            )
         return out
 
     @property
@@ -76,3 +124,26 @@ class ModelConfig:
     @property
     def ffn_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def is_mup(self) -> bool:
+        return self.parametrization == "mup"
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = d_model / mup_base_d_model; 1 under the standard parametrization."""
+        return self.d_model / self.mup_base_d_model if self.is_mup and self.mup_base_d_model else 1.0
+
+    @property
+    def output_mult(self) -> float:
+        """What multiplies the final LayerNorm's output before the tied readout: 1/m under μP (MuSharedReadout)."""
+        return 1.0 / self.width_mult
+
+    @property
+    def attn_scale(self) -> float | None:
+        """The attention scores' scale: None for the standard 1/sqrt(d_head) (SDPA's default); under μP
+        sqrt(base d_head) / d_head, which is 1/d_head up to a constant and equals 1/sqrt(d_head) at the base."""
+        if not self.is_mup:
+            return None
+        base_d_head = self.mup_base_d_head or (self.mup_base_d_model or 0) / self.n_head
+        return math.sqrt(base_d_head) / self.d_head

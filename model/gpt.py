@@ -2,6 +2,33 @@
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (transformer.wte, transformer.h.N.attn.c_attn,
 ...), so exporting to GPT-2 is a transpose of the Conv1D weights; model/hf.py maps GPT-Neo's layout.
+
+Two parametrizations (ModelConfig.parametrization). 'standard' is GPT-2's. 'mup' is the maximal update
+parametrization of Tensor Programs V (Yang et al. 2022), for Adam, as Microsoft's `mup` package applies
+it: with m = d_model / mup_base_d_model, the width multiplier,
+
+    =====================================  ==================  ========  ============  ================
+    parameter                              init std            Adam LR   weight decay  mup's name
+    =====================================  ==================  ========  ============  ================
+    wte, wpe (embeddings; wte is also      0.02                lr        wd            vector-like
+    the readout, tied)
+    attn.c_attn, mlp.c_fc weights          0.02 / sqrt(m)      lr / m    wd * m        matrix-like
+    attn.c_proj, mlp.c_proj weights        0.02 / sqrt(2 L m)  lr / m    wd * m        matrix-like
+    biases, LayerNorm gains and offsets    0, 1                lr        0             vector-like
+    =====================================  ==================  ========  ============  ================
+
+    logits            = (ln_f(x) / m) @ wte^T                    (MuSharedReadout: output_mult / width_mult)
+    attention scores  = q.k * sqrt(d_head_base) / d_head          (TP5's 1/d_head attention; d_head_base is
+                                                                    ModelConfig.mup_base_d_head or base / n_head)
+
+The weight decay is multiplied by m where the LR is divided by it because AdamW decays by lr * wd per step
+(mup's MuAdamW does the same). Hidden matrices have both dimensions growing with width, so Adam's
+update, of size lr per entry, moves their output by lr * fan_in: dividing lr by m keeps that fixed. An
+embedding's fan-in is the vocabulary or the context, not the width, so its LR and init stay. The tied
+readout has the width as its fan-in: instead of scaling the shared weight (which would break the
+embedding), its input is divided by m. The 1/d_head attention keeps the scores' size fixed when q and k
+become correlated by training, as they do at every width. Every multiplier is 1 at d_model =
+mup_base_d_model, so a μP model at its base width is the standard model.
 """
 
 from __future__ import annotations
@@ -18,12 +45,22 @@ from .attention import Kernel, attend, attention_mask, band_block_mask, choose_k
 from .config import ModelConfig
 from .loss import chunked_cross_entropy, eager_chunked_cross_entropy
 
-__all__ = ["GPT", "KVCache", "attention_mask", "build_model", "is_local_layer"]
+__all__ = ["GPT", "KVCache", "WidthScaling", "attention_mask", "build_model", "is_local_layer"]
 
 
 def is_local_layer(config: ModelConfig, layer: int) -> bool:
     """GPT-3 alternates dense and locally banded layers; we make the odd layers the banded ones."""
     return config.attention == "alternating" and layer % 2 == 1
+
+
+@dataclass(frozen=True)
+class WidthScaling:
+    """One parameter's multipliers against the standard parametrization (module docstring's table): of
+    its init std, of the Adam learning rate and of the weight decay. All 1 under 'standard'."""
+
+    init: float = 1.0
+    lr: float = 1.0
+    weight_decay: float = 1.0
 
 
 @dataclass
@@ -51,6 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.window = config.local_window if is_local_layer(config, layer) else None
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
+        self.scale = config.attn_scale  # None: 1/sqrt(d_head); μP: sqrt(d_head_base)/d_head
         self.compiled = False
         qkv_bias = config.bias and config.qkv_bias
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=qkv_bias)  # q, k, v together
@@ -91,7 +129,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.k[self.layer, :B, :, : start + T], cache.v[self.layer, :B, :, : start + T]
         block_mask = self._flex_block_mask(T, x.device) if kernel == "flex" else None
         p = self.dropout if self.training else 0.0
-        y = attend(kernel, q, k, v, window=self.window, start=start, dropout_p=p, block_mask=block_mask)
+        y = attend(
+            kernel, q, k, v, window=self.window, start=start, dropout_p=p, block_mask=block_mask, scale=self.scale
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -125,7 +165,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, n_layer blocks, final LayerNorm, output tied to wte."""
+    """Token + learned position embeddings, n_layer blocks, final LayerNorm, output tied to wte. Under
+    μP the final LayerNorm's output is multiplied by config.output_mult (1/m) before the tied readout."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -160,7 +201,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, *, device: torch.device | str | None = None) -> None:
         """GPT-2 initialization: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2*n_layer))
-        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3).
+        so the residual stream's variance does not grow with depth (GPT-2 Section 2.3). Under μP the hidden
+        matrices' std is further divided by sqrt(m) (the module docstring's table); embeddings keep theirs.
 
         Separate from construction, so a model built on the meta device is materialized on `device`
         (default CPU) here and initialized where it lives: every weight is drawn in place, on its own
@@ -174,6 +216,7 @@ class GPT(nn.Module):
         where = self.transformer.wte.weight.device
         gen = None if seed is None else torch.Generator(device=where).manual_seed(seed)
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        hidden = self.width_scaling(hidden=True).init
 
         def normal_(t: Tensor, std: float) -> None:
             if t.dtype == torch.float32:
@@ -182,8 +225,8 @@ class GPT(nn.Module):
                 t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).normal_(0.0, std, generator=gen))
 
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                normal_(module.weight, resid_std if name.endswith("c_proj") else 0.02)
+            if isinstance(module, nn.Linear):  # the hidden matrices: the readout is wte, not a Linear
+                normal_(module.weight, (resid_std if name.endswith("c_proj") else 0.02) * hidden)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
@@ -192,6 +235,25 @@ class GPT(nn.Module):
                 module.weight.fill_(1.0)
                 if module.bias is not None:
                     module.bias.zero_()
+
+    def width_scaling(self, *, hidden: bool) -> WidthScaling:
+        """The multipliers of a hidden matrix (a Linear weight: both dimensions grow with width) or of any
+        other parameter, which under μP keeps the standard init and LR (module docstring's table). The
+        init multiplier is written m**-0.5, as mup.init writes it, so the two draw the same weights."""
+        m = self.config.width_mult
+        if not hidden or not self.config.is_mup:
+            return WidthScaling()
+        return WidthScaling(init=m**-0.5, lr=1.0 / m, weight_decay=m)
+
+    def param_scaling(self) -> dict[str, WidthScaling]:
+        """Each parameter's WidthScaling, by name: what an optimizer needs to build μP's groups."""
+        return {
+            f"{module_name}.{name}".lstrip("."): self.width_scaling(
+                hidden=isinstance(module, nn.Linear) and name == "weight"
+            )
+            for module_name, module in self.named_modules()
+            for name, _ in module.named_parameters(recurse=False)
+        }
 
     def num_params(self, *, non_embedding: bool = False) -> int:
         """Parameter count; the tied output layer is counted once (it is wte)."""
@@ -218,6 +280,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
+        if self.config.is_mup:
+            x = x * self.config.output_mult  # μP's readout multiplier; on (B, T, C), cheaper than on the logits
         w = self.transformer.wte.weight  # the output layer is tied to the token embedding
         if targets is None:
             return F.linear(x, w), None

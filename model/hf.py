@@ -14,6 +14,12 @@ W_o b_v. A query bias has no such fold, hence ModelConfig.qkv_bias.
 
 A model without some biases (bias=false, or qkv_bias=false when written as GPT-2) exports with zero
 biases, which is exactly no bias; it imports back with those biases, zero until training moves them.
+
+A μP model (ModelConfig.parametrization) exports as a standard one with its two multipliers folded into
+weights: the attention scale sqrt(d_head_base)/d_head into the query weights and bias (as GPT-Neo's
+missing 1/sqrt(d_head) is), and the output multiplier 1/m into the final LayerNorm's gain and offset,
+whose output feeds only the tied readout (the readout itself cannot take it: it is the token embedding).
+Hugging Face folders import as standard models.
 """
 
 from __future__ import annotations
@@ -56,9 +62,28 @@ def to_hf(
     """(config.json dict, state dict) for GPT2LMHeadModel when attention is dense, GPTNeoForCausalLM when
     alternating. The state dict holds fp32 tensors and no lm_head (tied to wte, transformers ties it)."""
     state = {k: v.detach().float().cpu() for k, v in state.items()}
+    if config.is_mup:
+        state = _fold_mup(config, _with_zero_biases(state))
     if config.attention == "dense":
         return hf_config(config, bos_token_id=bos_token_id, eos_token_id=eos_token_id), to_hf_state_dict(state)
     return _gpt_neo_config(config, bos_token_id, eos_token_id), _to_gpt_neo_state_dict(config, state)
+
+
+def _fold_mup(config: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The standard-parametrization weights that compute what μP's do (module docstring): queries times
+    attn_scale * sqrt(d_head), so that the usual 1/sqrt(d_head) gives μP's scale, and the final LayerNorm
+    times output_mult. In float64, then back to fp32, as the GPT-Neo fold does."""
+    assert config.attn_scale is not None
+    d, q_mult = config.d_model, config.attn_scale * math.sqrt(config.d_head)
+    out = dict(state)
+    for i in range(config.n_layer):
+        for name in (f"{_PREFIX}h.{i}.attn.c_attn.weight", f"{_PREFIX}h.{i}.attn.c_attn.bias"):
+            qkv = state[name].double().clone()
+            qkv[:d] *= q_mult  # rows of q (nn.Linear is (out, in)), or the first third of the bias
+            out[name] = qkv.float()
+    for name in (f"{_PREFIX}ln_f.weight", f"{_PREFIX}ln_f.bias"):
+        out[name] = (state[name].double() * config.output_mult).float()
+    return out
 
 
 def hf_config(

@@ -159,15 +159,31 @@ def dist_kwargs(cfg: Config, device: str) -> dict[str, Any]:
     }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: GPT, weight_decay: float) -> list[dict[str, Any]]:
     """Decay only matrices (Linear weights and embeddings). Biases and LayerNorm gains are 1-D: decaying
-    them pulls gains towards 0 instead of 1 and offsets towards 0, constraining nothing useful."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    them pulls gains towards 0 instead of 1 and offsets towards 0, constraining nothing useful.
+
+    Under μP the hidden matrices form a group of their own, with `lr_scale` 1/m and weight decay times m
+    (model/gpt.py's table); every group carries its `lr_scale`, which set_lr multiplies by the schedule's
+    LR at each step. The standard parametrization gives the two groups, decay first, in model order."""
+    scaling = model.param_scaling()
+    groups: dict[tuple[bool, float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            s = scaling[name]
+            groups.setdefault((p.dim() >= 2, s.lr, s.weight_decay), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay * wd_mult if decay else 0.0, "lr_scale": lr_scale}
+        for (decay, lr_scale, wd_mult), params in groups.items()
     ]
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """The schedule's LR on every group of the (DeepSpeed-wrapped) optimizer, times the group's lr_scale:
+    μP's per-layer learning rates follow the warmup, the decay and the batch ramp with the rest. A group
+    without lr_scale (a checkpoint from before it existed, all standard) takes the LR as it is."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation: int | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .engine import (
     dist_kwargs,
     init_distributed,
     resolve_device,
+    set_lr,
 )
 from .errors import SharedUserError, UserError, check_writable_dir
 from .evaluation.probe import FewshotProbe
@@ -123,8 +124,7 @@ def engine_step(
     The boundary is stated, not left to DeepSpeed's running micro-step counter: that counter is not reset
     when a batch ramp changes the accumulation, so it would end steps part-way through this step's micro
     batches (ZeRO-2 reads the stated boundary when it reduces and when it steps)."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(engine.optimizer, lr)
     engine.train()
     total = torch.zeros((), device=data.device)
     chunks = data.split(micro_batch)

@@ -220,6 +220,11 @@ def _take_shape_from_source(merged: DictConfig, layers: list[tuple[str, DictConf
             if name == "n_ctx"
             else f"remove {key}: the shape comes from the weights"
         )
+        if name in ("parametrization", "mup_base_d_model", "mup_base_d_head"):  # μP's keys say what weights mean
+            hint = (
+                "weights trained under one parametrization compute something else under another; remove "
+                f"{key} to take the source's, or remove model.init_from to train from scratch"
+            )
         raise UserError(
             f"{key}={mine} in {where} conflicts with model.init_from {source}, which has {name}={theirs}; {hint}"
         )
