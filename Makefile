@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml setup.py
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# Microsoft's mup, the reference tests/test_mup.py compares our μP against. Its metadata asks for torchvision,
+	@# seaborn and pandas (and so a CUDA torch); the parts the test uses need only torch and pyyaml.
+	$(BIN)/pip install --quiet --no-deps mup==1.0.0
 	touch $@
 
 smoke: $(STAMP)
