@@ -141,6 +141,9 @@ def _run_validation(
     validation = validation_metrics(model, mixture, batch_size=args.batch_size, max_batches=args.val_batches)
     if validation:
         _say(validation_table(validation))
+        warning = mixture.validation_weights().warning()
+        if warning is not None:
+            _say(f"scalegpt: {warning}")
     else:
         _say("(no source has a validation split; prepare with data.val_fraction > 0)")
     return validation

@@ -164,6 +164,7 @@ class Validator:
 
     def __init__(self, cfg: Config, env: DistEnv, mixture: Mixture, run_dir: Path) -> None:
         self.cfg, self.env, self.mixture = cfg, env, mixture
+        self.weights = mixture.validation_weights()  # a source without a validation window is left out, not 0
         self.cadence = Cadence(cfg.eval.every, at_end=bool(cfg.eval.every))
         self.probe = None
         if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
@@ -171,11 +172,25 @@ class Validator:
 
             self.probe = FewshotProbe.for_run(run_dir, cfg.model.n_ctx)
 
+    @staticmethod
+    def check(cfg: Config, mixture: Mixture, console: Console) -> None:
+        """Refuse a run that would evaluate with no source to evaluate on, and say once which sources the
+        mixture figures leave out: called before anything is written, so a refusal changes nothing."""
+        weights = mixture.validation_weights()
+        if cfg.eval.every and not weights.weights:
+            raise UserError(
+                f"no source has a validation window of n_ctx+1={cfg.model.n_ctx + 1} tokens, so val_loss cannot "
+                f"be computed; raise data.val_fraction and re-run scalegpt prepare, or set eval.every=0"
+            )
+        warning = weights.warning() if cfg.eval.every else None
+        if warning is not None:
+            console.print(f"scalegpt: {warning}")
+
     def should_evaluate(self, step: int, *, last: bool) -> bool:
         return self.cadence.due(step, last=last)
 
     @torch.no_grad()
-    def evaluate(self, engine: Any) -> dict[str, float]:
+    def evaluate(self, engine: Any) -> dict[str, Any]:
         """Batches are sharded over ranks; the per-source sums stay on the device until one all-reduce and
         one read at the end."""
         engine.eval()
@@ -192,17 +207,18 @@ class Validator:
                 sums[i, 0] += loss.detach().double() * n
                 sums[i, 1] += n
         dist.all_reduce(sums)
-        out: dict[str, float] = {}
-        mix_loss = mix_bpb = 0.0
-        for i, (name, (total, count)) in enumerate(zip(names, sums.tolist(), strict=True)):
+        out: dict[str, Any] = {}
+        losses, bpbs = {}, {}
+        for name, (total, count) in zip(names, sums.tolist(), strict=True):
             if count == 0:
                 continue
             loss = total / count
             bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
             out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
-            mix_loss += float(self.mixture.weights[i]) * loss
-            mix_bpb += float(self.mixture.weights[i]) * bpb
-        out["val_loss"], out["val_bpb"] = mix_loss, mix_bpb
+            losses[name], bpbs[name] = loss, bpb
+        out["val_loss"], out["val_bpb"] = self.weights.weigh(losses), self.weights.weigh(bpbs)
+        if self.weights.left_out:
+            out["val_left_out"] = self.weights.left_out
         if self.probe is not None:
             out.update(self.probe(engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
         return out
@@ -228,6 +244,7 @@ class Trainer:
                 f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}; set model.vocab_size={vocab} or re-run `scalegpt prepare`"
             )
+        Validator.check(cfg, self.mixture, self.console)
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
         self.checkpointer = ckpt.Checkpointer(
