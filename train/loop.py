@@ -21,6 +21,7 @@ from ..model import build_model
 from ..model.flops import peak_flops_for
 from . import checkpoint as ckpt
 from .config import Config, load_config, read_config_file, to_yaml
+from .data.checksum import verify as verify_token_files
 from .engine import (
     DistEnv,
     build_engine,
@@ -245,6 +246,7 @@ class Trainer:
                 f"{cfg.model.vocab_size}; set model.vocab_size={vocab} or re-run `scalegpt prepare`"
             )
         Validator.check(cfg, self.mixture, self.console)
+        self._verify_token_files()
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
         self.checkpointer = ckpt.Checkpointer(
@@ -295,6 +297,24 @@ class Trainer:
 
         manifest = dict(self.mixture.manifest)
         return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+    def _verify_token_files(self) -> None:
+        """Each node's local rank 0 checks the token files it will read against prepare's checksums (nodes
+        need not share data.dir); every rank stops on the first mismatch found, and rank 0 says which
+        check ran."""
+        line = error = None
+        if self.env.local_rank == 0:
+            try:
+                line = verify_token_files(self.mixture.data_dir, self.mixture.manifest)
+            except UserError as exc:
+                error = str(exc)
+        errors: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(errors, error)
+        found = next((e for e in errors if e), None)
+        if found:
+            raise SharedUserError(found)
+        if line is not None:
+            self.console.print(f"scalegpt: {line}")
 
     def _on_main(self, work: Any) -> None:
         """Rank 0 does `work`; every rank waits for it and raises its error, so all agree on the run

@@ -31,6 +31,7 @@ from typing import Any
 from ...config import Config, load_config
 from ...errors import check_writable_dir
 from ...osutil import write_json_atomic
+from ..checksum import fill_missing
 from ..mixture import MANIFEST, Mixture, describe
 from ..tokenizer import save_tokenizer, token_byte_lengths
 from .accounting import SourceTokens, summarize
@@ -49,7 +50,7 @@ from .read import (
 )
 from .resume import adopt, finished
 from .workers import Encoder, quiet_datasets
-from .write import write_all
+from .write import say_filled, write_all
 
 __all__ = ["PIECE_CHARS", "ROW_CHARS", "TOKENIZER_FILE", "planned_samples", "prepare", "prepare_command"]
 
@@ -94,7 +95,9 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
     else:
         assert tok is not None and old is not None
         sha = save_tokenizer(tok.tok, plan.data_dir / TOKENIZER_FILE)
-        manifest = plan.manifest({e["name"]: e for e in old["sources"]}, tok, sha)
+        entries = {e["name"]: e for e in old["sources"]}
+        say_filled(fill_missing(plan.data_dir, entries), echo)
+        manifest = plan.manifest(entries, tok, sha)
         if manifest != old:
             write_json_atomic(plan.data_dir / MANIFEST, manifest, indent=1)
         plan.drop_removed(echo)
