@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Config, load_config
-from ...errors import check_writable_dir
+from ...errors import Terminated, check_writable_dir, disk_full_is_a_user_error, sigterm_raises
 from ...osutil import write_json_atomic
 from ..checksum import fill_missing
 from ..mixture import MANIFEST, Mixture, describe
@@ -55,29 +55,18 @@ from .write import say_filled, write_all
 __all__ = ["PIECE_CHARS", "ROW_CHARS", "TOKENIZER_FILE", "planned_samples", "prepare", "prepare_command"]
 
 
-class Terminated(BaseException):
-    """SIGTERM during `scalegpt prepare`: a BaseException, like KeyboardInterrupt, so that no `except
-    Exception` on the way swallows it and every `finally` and `with` cleans up (workers, scratch, lock)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated
-
-
 def prepare_command(args: argparse.Namespace) -> int:
     """The CLI entry point (launch/cli.py dispatches `scalegpt prepare` here). SIGTERM stops it as cleanly
     as Ctrl-C does (which the CLI reports as interrupted, exit 130), with exit 143."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_writable_dir(cfg.data.dir, "data.dir")
-        prepare(cfg)
+        with sigterm_raises():
+            cfg = load_config(args.config, args.overrides)
+            check_writable_dir(cfg.data.dir, "data.dir")
+            with disk_full_is_a_user_error(cfg.data.dir, "the prepared data (data.dir keeps only complete sources)"):
+                prepare(cfg)
     except Terminated:
         print("scalegpt: terminated; data.dir keeps only complete sources; re-run to finish", file=sys.stderr)
         return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
