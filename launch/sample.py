@@ -80,7 +80,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not 0 <= args.temperature < math.inf:  # also catches nan; inf would sample uniform noise
-        raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+        raise UserError(f"--temperature must be >= 0 and finite (0 is greedy), got {args.temperature}")
     if any(s == "" for s in args.stop):  # the empty string occurs everywhere: it would stop before any text
         raise UserError('--stop "" matches everywhere; give the text to stop at, or leave --stop out')
     if not 0 < args.top_p <= 1:

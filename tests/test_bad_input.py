@@ -426,7 +426,7 @@ CASES_26 = [
     Case("train-inject-fault-past-max-steps", [*T, "train.inject_fault=nan@1000", "train.max_steps=2"], "never fire"),
     Case("eval-tasks-without-names", ["eval", "{export}", "--device", "cpu", "--tasks"], "at least one task name"),
     Case("sample-stop-empty", [*S, "--prompt", "a", "--stop", ""], '--stop "" matches everywhere'),
-    Case("sample-temperature-inf", [*S, "--prompt", "a", "--temperature", "inf"], "must be a finite number"),
+    Case("sample-temperature-inf", [*S, "--prompt", "a", "--temperature", "inf"], "must be >= 0 and finite"),
 ]
 
 
@@ -569,6 +569,41 @@ def test_the_next_export_removes_what_a_killed_one_left(
     _, err = capsys.readouterr()
     assert not _export_tmp(tmp_path) and f"removed {stale[0]}" in err
     assert (tmp_path / "other" / "model.safetensors").is_file()
+
+
+def _rank(launcher: subprocess.Popen[str], rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("RANK") == str(rank) and "train" in child.cmdline():
+                return child
+    raise AssertionError(f"no rank {rank} under the launcher")
+
+
+def test_a_dying_rank_s_peer_exits_with_one_line(inputs: Inputs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _scalegpt(
+        "launch", SMOKE, "--procs", "2", "--master-port", str(free_port()),
+        f"data.dir={inputs.paths['data']}", f"run.dir={run}", *SMALL_DATA, "train.max_steps=1000",
+        "eval.every=0", "checkpoint.every=0", "log.every=1",
+    )  # fmt: skip
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, proc)
+    _rank(proc, 1).kill()  # kill -9: it says nothing; its peer is in a collective with it
+    code, _, err = _finish(proc)
+    assert code != 0 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("scalegpt: error: ")]
+    assert len(lines) == 1 and "rank 0 stopped because another rank of this job stopped" in lines[0], err[-3000:]
+
+
+def test_the_watchdog_speaks_once_for_a_launched_job(inputs: Inputs, tmp_path: Path) -> None:
+    proc = _scalegpt(
+        "launch", SMOKE, "--procs", "2", "--master-port", str(free_port()),
+        f"data.dir={inputs.paths['data']}", f"run.dir={tmp_path / 'run'}", *SMALL_DATA, "train.max_steps=3",
+        "eval.every=0", "train.inject_fault=hang@2", "train.step_timeout_s=3",
+    )  # fmt: skip
+    code, out, err = _finish(proc)
+    assert code == 3, err[-3000:]
+    assert (out + err).count("made no progress for 3 s") == 1 and "Traceback" not in err, err[-3000:]
+    assert "stopped because another rank" not in err  # the peers' exits are part of the same hang
 
 
 # --- cases that need a real process ----------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_the_mixture_figures_leave_the_short_source_out_and_renormalize(run: tup
     rows = [r for r in metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert "val_loss/short" not in r and r["val_left_out"] == ["short"], r
+        assert "val_loss/short" not in r and r["val_left_out"] == "short", r
         for key in ("val_loss", "val_bpb"):
             assert r[key] == pytest.approx(_by_hand(r, key), rel=1e-12), (key, r)
             # the old figure, the short source counted as 0, is 20% lower
@@ -97,3 +97,22 @@ def test_eval_weighs_the_sources_as_the_run_does(run: tuple[Path, str, str], tmp
     # the same windows, the same weights: the trained model's figures are the run's last ones
     last = [r for r in metrics(run_dir) if "val_loss" in r][-1]
     assert figures["mixture"]["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+
+
+def test_a_run_with_no_validation_window_anywhere_is_refused_before_it_writes(
+    run: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """With every source short there is no figure to give at all: the start refuses, saying what to set."""
+    root = run[0].parent
+    config = tmp_path / "only-short.yaml"
+    text = (root / "run.yaml").read_text().replace(str(root / "run"), str(tmp_path / "run"))
+    text = text.replace(str(root / "data"), str(tmp_path / "data"))
+    kept = [line for line in text.splitlines() if "builtin:" not in line]
+    config.write_text("\n".join(kept) + "\n")
+    scalegpt("prepare", str(config))
+    proc = scalegpt("train", str(config), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("scalegpt: error: ")]
+    assert len(errors) == 1 and "no source has a validation window" in errors[0] and "eval.every=0" in errors[0]
+    assert not (tmp_path / "run").exists()
+    assert scalegpt("train", str(config), "eval.every=0").returncode == 0  # what the line says to set works

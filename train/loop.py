@@ -36,7 +36,7 @@ from .errors import SharedUserError, UserError, check_writable_dir
 from .inference import check_source_tokenizer, model_from_state, resolve, source_state_dict
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
-from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog
+from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog, peer_lost, say_peer_lost
 from .schedule import Cadence, Schedule
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ class Validator:
             losses[name], bpbs[name] = loss, bpb
         out["val_loss"], out["val_bpb"] = self.weights.weigh(losses), self.weights.weigh(bpbs)
         if self.weights.left_out:
-            out["val_left_out"] = self.weights.left_out
+            out["val_left_out"] = ",".join(self.weights.left_out)  # text, which wandb logs as it is
         if self.probe is not None:
             out.update(self.probe(engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
         return out
@@ -263,7 +263,7 @@ class Trainer:
         self.skips.skips = broadcast_object(self.skips.skips)
         self.drill = FaultDrill(cfg.train.inject_fault, self.run_dir, is_main=env.is_main)
         self.drill.fired = broadcast_object(self.drill.fired)
-        self.watchdog = Watchdog(cfg.train.step_timeout_s)
+        self.watchdog = Watchdog(cfg.train.step_timeout_s, speak=env.is_main)
         torch.manual_seed(cfg.run.seed)
         if start is None:
             model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
@@ -600,6 +600,10 @@ def train_command(args: argparse.Namespace) -> int:
     env = init_distributed(cfg)
     try:
         return Trainer(cfg, env).fit()
+    except Exception as exc:
+        if env.world_size < 2 or not peer_lost(exc):
+            raise
+        return say_peer_lost(exc, env.rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -311,7 +311,7 @@ def _val_text(evaluation: dict[str, Any]) -> str:
     """The mixture's validation figures for a log line, naming the sources they leave out."""
     text = f"val_loss {evaluation['val_loss']:.4f} val_bpb {evaluation['val_bpb']:.3f}"
     left_out = evaluation.get("val_left_out")
-    return f"{text} (without {', '.join(left_out)})" if left_out else text
+    return f"{text} (without {left_out.replace(',', ', ')})" if left_out else text
 
 
 def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
