@@ -61,6 +61,8 @@ def parse_shots(values: list[str] | None) -> list[Shots]:
 
 def _check_args(args: argparse.Namespace) -> tuple[list[Task], list[Shots]]:
     """Everything that can be checked before loading weights, so a typo costs nothing."""
+    if args.tasks == []:  # `--tasks` and nothing after it: a forgotten list, not a request for every task
+        raise UserError("--tasks needs at least one task name (see scalegpt eval --help); leave it out for every task")
     tasks = [] if args.tasks is None and args.lm_eval else get_tasks(args.tasks)
     shots = parse_shots(args.shots)
     for flag, value, low in (
@@ -141,6 +143,9 @@ def _run_validation(
     validation = validation_metrics(model, mixture, batch_size=args.batch_size, max_batches=args.val_batches)
     if validation:
         _say(validation_table(validation))
+        warning = mixture.validation_weights().warning()
+        if warning is not None:
+            _say(f"scalegpt: {warning}")
     else:
         _say("(no source has a validation split; prepare with data.val_fraction > 0)")
     return validation

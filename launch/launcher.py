@@ -33,7 +33,7 @@ from ..train.config.loading import load_config
 from ..train.config.schema import Config, read_config_file
 from ..train.config.validation import global_batch
 from ..train.errors import QUIET_INTERRUPT, UserError, check_writable_dir
-from ..train.osutil import atomic_write, free_port
+from ..train.osutil import atomic_write, free_port, port_taken
 
 Mode = Literal["procs", "gpus", "hostfile", "slurm"]
 TEMPLATES = Path(__file__).with_name("templates")
@@ -387,6 +387,8 @@ def launch_command(args: argparse.Namespace) -> int:
         return submit(launch.script, cfg)
     if mode == "gpus":
         _check_gpus(args.gpus)
+    if mode in ("procs", "gpus") and args.master_port and port_taken(args.master_port):  # else a 12 s rendezvous error
+        raise UserError(f"--master-port {args.master_port} is in use on this machine; pick another, or leave it out")
     return run(launch)
 
 

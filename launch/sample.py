@@ -10,6 +10,7 @@ the row's index, so the same command gives the same text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -79,8 +80,10 @@ def _check_args(args: argparse.Namespace) -> None:
     """Reject bad settings before any weights are loaded, each with what to pass instead."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also catches nan
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:  # also catches nan; inf would sample uniform noise
+        raise UserError(f"--temperature must be >= 0 and finite (0 is greedy), got {args.temperature}")
+    if any(s == "" for s in args.stop):  # the empty string occurs everywhere: it would stop before any text
+        raise UserError('--stop "" matches everywhere; give the text to stop at, or leave --stop out')
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (1 disables it), got {args.top_p}")
     if args.top_k < 0:

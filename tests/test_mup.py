@@ -335,7 +335,7 @@ def test_a_mup_model_exports_samples_and_evaluates(mup_runs: dict[int, Path], tm
     run = mup_runs[2]
     out = tmp_path / "hf"
     assert "verified" in scalegpt("export", str(run), "--format", "hf", str(out)).stdout  # export's own check
-    from scalegpt.train.inference import load_for_inference
+    from scalegpt.train.weights import load_for_inference
 
     ours, tok, _ = load_for_inference(run, device="cpu")
     assert ours.config.parametrization == "mup"

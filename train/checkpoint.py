@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .config.schema import Config, from_yaml_text
-from .errors import UserError
+from .errors import UserError, is_disk_full
 from .osutil import atomic_write
 from .schedule import Cadence
 
@@ -155,10 +155,21 @@ def save(
     root = checkpoint_root(run_dir)
     tag = tag_for(state.step)
     client = {"scalegpt": asdict(state), "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     path = root / tag
-    torch.save(_rng_state(), path / f"rng_rank_{rank}.pt")
-    _write_checksums(path, rank)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        torch.save(_rng_state(), path / f"rng_rank_{rank}.pt")
+        _write_checksums(path, rank)
+    except Exception as exc:
+        if not is_disk_full(exc, root):
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # the part written: `latest` never named it, and it holds space
+        last = find_latest(run_dir)
+        kept = f"the previous checkpoint {last.tag} is intact" if last is not None else "no earlier checkpoint"
+        raise UserError(
+            f"no space left on the device of {root} while saving checkpoint {tag} ({kept}); free space there "
+            f"(or lower checkpoint.keep) and run the same command again to resume"
+        ) from exc
     dist.barrier()
     if rank == 0:
         (path / "config.yaml").write_text(config_yaml)
@@ -194,7 +205,13 @@ def _write_checksums(path: Path, rank: int) -> None:
 
 def _verify_checksums(path: Path) -> None:
     for record in sorted(path.glob("checksums_rank_*.json")):
-        for name, want in json.loads(record.read_text()).items():
+        try:
+            sums = json.loads(record.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpoint(record, f"not valid JSON: {exc}") from exc
+        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+            raise CorruptCheckpoint(record, "not a mapping of file names to SHA-256 digests")
+        for name, want in sums.items():
             f = path / name
             if f.is_file() and _digest(f) != want:
                 raise CorruptCheckpoint(f, "its SHA-256 differs from the one recorded when it was saved")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 QUIET_INTERRUPT = "SCALEGPT_QUIET_INTERRUPT"
@@ -50,3 +53,73 @@ def check_writable_file(path: str | Path, what: str) -> None:
     if Path(path).is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
     check_writable_dir(Path(path).parent, f"{what} {path}: folder")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+_NEARLY_FULL = 1 << 20
+"""Bytes free below which a failed write under a folder is put down to a full device."""
+
+
+def is_disk_full(exc: BaseException, where: str | Path | None = None) -> bool:
+    """Whether `exc` (or an exception it was raised from) says the device or a quota ran out of space, or
+    the device of `where` has (almost) no space left. The last is for torch.save, whose zip writer reports
+    a short write as "unexpected pos" without the OS's reason; safetensors quotes the OS's words."""
+    if where is not None:
+        folder = Path(where)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            st = os.statvfs(folder)
+            if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+                return True
+        except OSError:
+            pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return True
+        if not isinstance(seen, OSError) and any(t in str(seen) for t in _FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def disk_full_is_a_user_error(where: str | Path, what: str) -> Iterator[None]:
+    """Turn running out of space while writing under `where` into one line that names it. The writer's own
+    temporary names and renames keep what existed; this only says what happened and what to do. Any other
+    error passes through unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc, where):
+            raise
+        raise UserError(
+            f"no space left on the device of {where} while writing {what}; free space there (or choose another "
+            f"path) and run the command again"
+        ) from exc
+
+
+class Terminated(BaseException):
+    """SIGTERM during a command that writes (prepare, export): a BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it and every `finally` and `with` cleans up."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated (in the main thread), as Ctrl-C raises KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

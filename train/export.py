@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,7 @@ from ..model.generate import generate
 from ..model.hf import Unmappable, to_hf
 from .config.schema import Config, to_yaml
 from .data.tokenizer import EOT, eot_id
-from .errors import UserError, check_writable_dir
+from .errors import Terminated, UserError, check_writable_dir, disk_full_is_a_user_error, sigterm_raises
 from .weights import load_for_inference
 
 LOGIT_TOLERANCE = 1e-4
@@ -129,6 +134,38 @@ def verify_hf(out: Path, model: GPT, tokenizer: Tokenizer) -> Verification:
     return Verification(type(theirs).__name__, diff, equal, total, tie)
 
 
+_TMP = re.compile(r"\.export@(?P<host>[^@/]+)@(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+"""The temporary folder an export writes beside OUT_DIR: `.NAME.export@HOST@PID.RANDOM`, so that a later
+export can tell a folder whose writer died (kill -9, a lost node) from one still being written."""
+
+
+def _temporary_dir(out: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.export@{socket.gethostname()}@{os.getpid()}.", dir=out.parent))
+
+
+def remove_stale_exports(folder: Path) -> list[Path]:
+    """Remove the temporary folders of exports into `folder` whose process died on this host; return them.
+    A folder of another host is left alone: this host cannot tell whether its writer still runs."""
+    removed = []
+    for p in folder.glob(".*.export@*@*.*") if folder.is_dir() else ():
+        m = _TMP.search(p.name)
+        if m is None or not p.is_dir() or m["host"] != socket.gethostname() or _alive(int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def export(path: str | Path, fmt: str, out_dir: str | Path) -> tuple[Path, Verification | None]:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -136,24 +173,32 @@ def export(path: str | Path, fmt: str, out_dir: str | Path) -> tuple[Path, Verif
     check_writable_dir(out, "OUT_DIR")
     model, tokenizer, cfg = load_for_inference(path, device="cpu", dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for stale in remove_stale_exports(out.parent):
+        print(f"scalegpt: removed {stale}, left by an export that was killed", file=sys.stderr)
+    tmp = _temporary_dir(out)
     try:
         verified = None
-        if fmt == "hf":
-            write_hf(tmp, model, cfg, tokenizer)
-            verified = verify_hf(tmp, model, tokenizer)
-        else:
-            write_safetensors(tmp, model, cfg, tokenizer.to_str())
+        with disk_full_is_a_user_error(out.parent, f"the export (nothing was written to {out})"):
+            if fmt == "hf":
+                write_hf(tmp, model, cfg, tokenizer)
+                verified = verify_hf(tmp, model, tokenizer)
+            else:
+                write_safetensors(tmp, model, cfg, tokenizer.to_str())
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
-    finally:
+    finally:  # also on Ctrl-C and, through export_command's handler, on SIGTERM
         shutil.rmtree(tmp, ignore_errors=True)
     return out, verified
 
 
 def export_command(args: argparse.Namespace) -> int:
-    out, v = export(args.path, args.format, args.out_dir)
+    try:
+        with sigterm_raises():
+            out, v = export(args.path, args.format, args.out_dir)
+    except Terminated:
+        print(f"scalegpt: terminated; nothing was exported to {args.out_dir}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if v is None:
         print(f"exported {args.path} to {out} ({args.format})")
         return 0

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .config.loading import load_config
 from .config.schema import Config, read_config_file, to_yaml
 from .config.validation import global_batch
+from .data.checksum import verify as verify_token_files
 from .data.mixture import Mixture
 from .data.steps import rank_indices
 from .engine import (
@@ -39,7 +40,7 @@ from .errors import SharedUserError, UserError, check_writable_dir
 from .evaluation.probe import FewshotProbe
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
-from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog
+from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog, peer_lost, say_peer_lost
 from .schedule import Cadence, Schedule
 from .weights import check_source_tokenizer, model_from_state, resolve, source_state_dict
 
@@ -165,16 +166,31 @@ class Validator:
 
     def __init__(self, cfg: Config, env: DistEnv, mixture: Mixture, run_dir: Path) -> None:
         self.cfg, self.env, self.mixture = cfg, env, mixture
+        self.weights = mixture.validation_weights()  # a source without a validation window is left out, not 0
         self.cadence = Cadence(cfg.eval.every, at_end=bool(cfg.eval.every))
         self.probe = None
         if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
             self.probe = FewshotProbe.for_run(run_dir, cfg.model.n_ctx)
 
+    @staticmethod
+    def check(cfg: Config, mixture: Mixture, console: Console) -> None:
+        """Refuse a run that would evaluate with no source to evaluate on, and say once which sources the
+        mixture figures leave out: called before anything is written, so a refusal changes nothing."""
+        weights = mixture.validation_weights()
+        if cfg.eval.every and not weights.weights:
+            raise UserError(
+                f"no source has a validation window of n_ctx+1={cfg.model.n_ctx + 1} tokens, so val_loss cannot "
+                f"be computed; raise data.val_fraction and re-run scalegpt prepare, or set eval.every=0"
+            )
+        warning = weights.warning() if cfg.eval.every else None
+        if warning is not None:
+            console.print(f"scalegpt: {warning}")
+
     def should_evaluate(self, step: int, *, last: bool) -> bool:
         return self.cadence.due(step, last=last)
 
     @torch.no_grad()
-    def evaluate(self, engine: Any) -> dict[str, float]:
+    def evaluate(self, engine: Any) -> dict[str, Any]:
         """Batches are sharded over ranks; the per-source sums stay on the device until one all-reduce and
         one read at the end."""
         engine.eval()
@@ -191,17 +207,18 @@ class Validator:
                 sums[i, 0] += loss.detach().double() * n
                 sums[i, 1] += n
         dist.all_reduce(sums)
-        out: dict[str, float] = {}
-        mix_loss = mix_bpb = 0.0
-        for i, (name, (total, count)) in enumerate(zip(names, sums.tolist(), strict=True)):
+        out: dict[str, Any] = {}
+        losses, bpbs = {}, {}
+        for name, (total, count) in zip(names, sums.tolist(), strict=True):
             if count == 0:
                 continue
             loss = total / count
             bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
             out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
-            mix_loss += float(self.mixture.weights[i]) * loss
-            mix_bpb += float(self.mixture.weights[i]) * bpb
-        out["val_loss"], out["val_bpb"] = mix_loss, mix_bpb
+            losses[name], bpbs[name] = loss, bpb
+        out["val_loss"], out["val_bpb"] = self.weights.weigh(losses), self.weights.weigh(bpbs)
+        if self.weights.left_out:
+            out["val_left_out"] = ",".join(self.weights.left_out)  # text, which wandb logs as it is
         if self.probe is not None:
             out.update(self.probe(engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
         return out
@@ -225,6 +242,8 @@ class Trainer:
                 f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}; set model.vocab_size={vocab} or re-run `scalegpt prepare`"
             )
+        Validator.check(cfg, self.mixture, self.console)
+        self._verify_token_files()
         self.config_yaml = to_yaml(cfg)
         self.meta = {"tokenizer_hash": self.mixture.tokenizer_hash, "manifest_hash": self._manifest_hash()}
         self.checkpointer = ckpt.Checkpointer(
@@ -241,7 +260,7 @@ class Trainer:
         self.skips.skips = broadcast_object(self.skips.skips)
         self.drill = FaultDrill(cfg.train.inject_fault, self.run_dir, is_main=env.is_main)
         self.drill.fired = broadcast_object(self.drill.fired)
-        self.watchdog = Watchdog(cfg.train.step_timeout_s)
+        self.watchdog = Watchdog(cfg.train.step_timeout_s, speak=env.is_main)
         torch.manual_seed(cfg.run.seed)
         if start is None:
             model = build_model(cfg.model, device=env.device, seed=cfg.run.seed)
@@ -275,6 +294,24 @@ class Trainer:
 
         manifest = dict(self.mixture.manifest)
         return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+    def _verify_token_files(self) -> None:
+        """Each node's local rank 0 checks the token files it will read against prepare's checksums (nodes
+        need not share data.dir); every rank stops on the first mismatch found, and rank 0 says which
+        check ran."""
+        line = error = None
+        if self.env.local_rank == 0:
+            try:
+                line = verify_token_files(self.mixture.data_dir, self.mixture.manifest)
+            except UserError as exc:
+                error = str(exc)
+        errors: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(errors, error)
+        found = next((e for e in errors if e), None)
+        if found:
+            raise SharedUserError(found)
+        if line is not None:
+            self.console.print(f"scalegpt: {line}")
 
     def _on_main(self, work: Any) -> None:
         """Rank 0 does `work`; every rank waits for it and raises its error, so all agree on the run
@@ -558,6 +595,10 @@ def train_command(args: argparse.Namespace) -> int:
     env = init_distributed(cfg)
     try:
         return Trainer(cfg, env).fit()
+    except Exception as exc:
+        if env.world_size < 2 or not peer_lost(exc):
+            raise
+        return say_peer_lost(exc, env.rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -248,7 +248,7 @@ class StepLog:
             self.mfu = mfu(self.tokens_per_sec, self.cfg.model, self.peak_flops * self.world_size)
         self._window_t, self._window_tokens = now, tokens
 
-    def report(self, evaluation: dict[str, float] | None = None) -> None:
+    def report(self, evaluation: dict[str, Any] | None = None) -> None:
         """Write the synced steps (rank 0) and print the latest; `evaluation` belongs to the latest step.
         A spike (a non-finite loss or grad norm, or a jump above the running window) raises Spike on every
         rank (they all read the same figures), after the steps before it are written."""
@@ -282,29 +282,33 @@ class StepLog:
         self.last_loss = latest.loss
         self._print(latest.pending, evaluation)
 
-    def _print(self, p: PendingStep, evaluation: dict[str, float] | None) -> None:
+    def _print(self, p: PendingStep, evaluation: dict[str, Any] | None) -> None:
         tps = self.tokens_per_sec or 0.0
         line = f"step {p.step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} lr {p.lr:.2e} {tps:,.0f} tok/s"
         if evaluation:
-            line += f" | val_loss {evaluation['val_loss']:.4f} val_bpb {evaluation['val_bpb']:.3f}"
+            line += f" | {_val_text(evaluation)}"
         self.console.status(f"loss {self.last_loss:.3f} lr {p.lr:.1e} {tps:,.0f} tok/s")
         self.console.print(line)
 
-    def baseline(self, evaluation: dict[str, float]) -> None:
+    def baseline(self, evaluation: dict[str, Any]) -> None:
         """Step 0: validation of the untrained model, so every curve starts from it."""
         if self.metrics is not None:
             record = dict.fromkeys(("loss", "lr", "grad_norm", "tokens_per_sec", "mfu"))
             self.metrics.write(
                 {"step": 0, "tokens": 0, **record, "world_size": self.world_size, "elapsed_s": 0.0, **evaluation}
             )
-        self.console.print(
-            f"step 0/{self.cfg.train.max_steps} | val_loss {evaluation['val_loss']:.4f} "
-            f"val_bpb {evaluation['val_bpb']:.3f}"
-        )
+        self.console.print(f"step 0/{self.cfg.train.max_steps} | {_val_text(evaluation)}")
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+def _val_text(evaluation: dict[str, Any]) -> str:
+    """The mixture's validation figures for a log line, naming the sources they leave out."""
+    text = f"val_loss {evaluation['val_loss']:.4f} val_bpb {evaluation['val_bpb']:.3f}"
+    left_out = evaluation.get("val_left_out")
+    return f"{text} (without {left_out.replace(',', ', ')})" if left_out else text
 
 
 def _on_device(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:

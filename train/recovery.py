@@ -162,8 +162,13 @@ class Watchdog:
     `timeout_s`: one process has no collective whose time-out would end a hang, and several processes
     would otherwise wait dist_timeout_minutes."""
 
-    def __init__(self, timeout_s: float) -> None:
+    fired = False
+    """Set once a watchdog of this process has fired: a collective that then fails because the other ranks'
+    watchdogs ended them is part of the same hang, and says nothing more (see peer_lost)."""
+
+    def __init__(self, timeout_s: float, *, speak: bool = True) -> None:
         self.timeout_s = timeout_s
+        self.speak = speak
         self._deadline = math.inf
         self._step = 0
         self._lock = threading.Lock()
@@ -185,6 +190,10 @@ class Watchdog:
             with self._lock:
                 late, step = time.monotonic() > self._deadline, self._step
             if late:
+                Watchdog.fired = True
+                if not self.speak:  # every rank's watchdog fires together; rank 0's line is the job's one
+                    time.sleep(2)  # and it goes first, so that no rank reads its exit as a peer lost
+                    os._exit(3)
                 print(
                     f"scalegpt: error: step {step} made no progress for {self.timeout_s:g} s "
                     "(train.step_timeout_s): a hung rank, collective or data read; the last checkpoint is "
@@ -193,3 +202,27 @@ class Watchdog:
                     flush=True,
                 )
                 os._exit(3)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank of the job is gone (killed, crashed,
+    or ended by its watchdog): gloo reports it as a RuntimeError or DistError naming its transport."""
+    import torch.distributed as dist  # here: recovery is imported by processes that never use torch.distributed
+
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+
+
+def say_peer_lost(exc: BaseException, rank: int) -> int:
+    """One line instead of the collective's traceback: the rank that died has said (or could not say) why,
+    and this one only lost it. Exit 3 as the watchdog does when that is what ended the job."""
+    if Watchdog.fired:
+        return 3
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason)[:160]  # gloo's source location, then its words
+    print(
+        f"scalegpt: error: rank {rank} stopped because another rank of this job stopped ({reason}); that rank's "
+        "output says why. The last checkpoint is intact: run the same command again to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1

@@ -166,6 +166,9 @@ def _recovery_problems(cfg: Config) -> list[tuple[str, str]]:
         if fault is None:
             kinds = " | ".join(f"{k}@STEP" for k in FAULT_KINDS)
             out.append(("train.inject_fault", f"must be {kinds} with STEP >= 1, got {t.inject_fault!r}"))
+        elif t.max_steps and fault.step > t.max_steps:
+            past = f"step {fault.step} is past train.max_steps={t.max_steps}, so it would never fire"
+            out.append(("train.inject_fault", past))
         elif fault.kind == "hang" and not t.step_timeout_s:
             out.append(("train.inject_fault", "hang@STEP needs the watchdog: set train.step_timeout_s (e.g. 30)"))
     if cfg.optim.z_loss < 0 or not math.isfinite(cfg.optim.z_loss):

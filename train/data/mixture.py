@@ -526,6 +526,20 @@ class Mixture:
         val = e["tokens"] - e["train"]["tokens"]
         return max(0, (val - 1) // self.n_ctx)
 
+    def validation_weights(self) -> ValidationWeights:
+        """The weights a mixture validation figure weighs its sources with: the first stage's, renormalized
+        over the sources whose validation split holds a window. A source without one has no loss; counting
+        it as 0 would report a figure lower than any source's (GPT-3 Table 2.2 weighs real losses only)."""
+        present = [i for i, name in enumerate(self.names) if self.val_windows(name) > 0]
+        raw = np.array([self.raw_weights[self.names[i]] for i in present], dtype=np.float64)
+        if len(present) == len(self.names):
+            # nothing left out: exactly the training weights, so a figure is bit for bit what it was
+            weights = {n: float(w) for n, w in zip(self.names, self.weights, strict=True)}
+        else:
+            weights = {self.names[i]: float(w) for i, w in zip(present, raw / max(raw.sum(), 1e-300), strict=True)}
+        left_out = [n for n in self.names if n not in weights]
+        return ValidationWeights(weights, left_out, self.n_ctx)
+
     def val_batches(self, source: str, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
         """Fixed (B, n_ctx+1) windows spread evenly over the validation split: the same every call, so
         validation losses are comparable across steps and runs. Empty when the split has no window."""
@@ -552,6 +566,30 @@ class Mixture:
         e = self._entry(source)
         part = e["val"] if e["val"]["tokens"] else {"bytes": e["bytes"], "tokens": e["tokens"]}
         return part["bytes"] / part["tokens"]
+
+
+@dataclass(frozen=True)
+class ValidationWeights:
+    """Per source with a validation window, its weight in a mixture figure (summing to 1); and the sources
+    left out of every mixture figure because their validation split is shorter than n_ctx+1 tokens."""
+
+    weights: dict[str, float]
+    left_out: list[str]
+    n_ctx: int
+
+    def weigh(self, per_source: dict[str, float]) -> float:
+        """The mixture figure of per-source figures (every source in `weights` must have one)."""
+        return sum(w * per_source[name] for name, w in self.weights.items())
+
+    def warning(self) -> str | None:
+        """The one line a run prints at start when a source is left out, saying how to include it."""
+        if not self.left_out:
+            return None
+        return (
+            f"warning: {', '.join(repr(n) for n in self.left_out)} left out of the mixture's val_loss and val_bpb "
+            f"(no validation window of n_ctx+1={self.n_ctx + 1} tokens), the other sources' weights renormalized; "
+            f"raise data.val_fraction or add data to include it"
+        )
 
 
 REPEAT_LIMIT = 4.0

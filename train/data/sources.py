@@ -289,6 +289,7 @@ def _json_documents(path: Path, field_: str, mode: str, stats: ReadStats) -> Ite
 
 
 def _parquet_documents(path: Path, field_: str) -> Iterator[str]:
+    import pyarrow as pa  # imported here: only Parquet sources need pyarrow
     import pyarrow.parquet as pq
 
     try:
@@ -297,6 +298,13 @@ def _parquet_documents(path: Path, field_: str) -> Iterator[str]:
         raise UserError(f"{path} is not a readable Parquet file: {exc}") from exc
     if field_ not in pf.schema_arrow.names:
         raise UserError(f"{path}: no column {field_!r} (columns: {', '.join(pf.schema_arrow.names)}); set text_field")
+    kind = pf.schema_arrow.field(field_).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        text = [f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        raise UserError(
+            f"{path}: column {field_!r} holds {kind}, not text; set text_field to a text column "
+            f"({', '.join(text) if text else 'it has none'})"
+        )
     for batch in pf.iter_batches(columns=[field_], batch_size=1024):
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 

@@ -59,16 +59,17 @@ def validation_metrics(
     model: nn.Module, mixture: Mixture, *, batch_size: int = 16, max_batches: int = 50
 ) -> dict[str, dict[str, float]]:
     """Per source, and for the mixture weighted as in training: loss (nats per token), perplexity,
-    bits per byte and the number of tokens scored. Sources without a validation split are left out."""
+    bits per byte and the number of tokens scored. Sources without a validation window are left out, and
+    the mixture's figures weigh the others with their weights renormalized (Mixture.validation_weights)."""
     if batch_size < 1 or max_batches < 1:
         raise UserError(f"batch size and batches must be positive, got {batch_size} and {max_batches}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: dict[str, dict[str, float]] = {}
-    mix = {"loss": 0.0, "bpb": 0.0, "tokens": 0.0}
+    weights = mixture.validation_weights()
     try:
-        for i, name in enumerate(mixture.names):
+        for name in weights.weights:
             total, count = 0.0, 0
             for batch in mixture.val_batches(name, batch_size, max_batches):
                 batch = batch.to(device)
@@ -81,17 +82,14 @@ def validation_metrics(
             loss = total / count
             bpb = loss / math.log(2) / mixture.val_bytes_per_token(name)
             out[name] = {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": float(count)}
-            w = float(mixture.weights[i])
-            mix["loss"] += w * loss
-            mix["bpb"] += w * bpb
-            mix["tokens"] += count
     finally:
         model.train(was_training)
     if out:
+        loss = weights.weigh({name: v["loss"] for name, v in out.items()})
         out["mixture"] = {
-            "loss": mix["loss"],
-            "perplexity": math.exp(mix["loss"]),
-            "bpb": mix["bpb"],
-            "tokens": mix["tokens"],
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "bpb": weights.weigh({name: v["bpb"] for name, v in out.items()}),
+            "tokens": sum(v["tokens"] for v in out.values()),
         }
     return out

@@ -30,8 +30,9 @@ from typing import Any
 
 from ...config.loading import load_config
 from ...config.schema import Config
-from ...errors import check_writable_dir
+from ...errors import Terminated, check_writable_dir, disk_full_is_a_user_error, sigterm_raises
 from ...osutil import write_json_atomic
+from ..checksum import fill_missing
 from ..mixture import MANIFEST, Mixture, describe
 from ..tokenizer import save_tokenizer, token_byte_lengths
 from .accounting import SourceTokens, summarize
@@ -50,34 +51,23 @@ from .read import (
 )
 from .resume import adopt, finished
 from .workers import Encoder, quiet_datasets
-from .write import write_all
+from .write import say_filled, write_all
 
 __all__ = ["PIECE_CHARS", "ROW_CHARS", "TOKENIZER_FILE", "planned_samples", "prepare", "prepare_command"]
-
-
-class Terminated(BaseException):
-    """SIGTERM during `scalegpt prepare`: a BaseException, like KeyboardInterrupt, so that no `except
-    Exception` on the way swallows it and every `finally` and `with` cleans up (workers, scratch, lock)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated
 
 
 def prepare_command(args: argparse.Namespace) -> int:
     """The CLI entry point (launch/cli.py dispatches `scalegpt prepare` here). SIGTERM stops it as cleanly
     as Ctrl-C does (which the CLI reports as interrupted, exit 130), with exit 143."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_writable_dir(cfg.data.dir, "data.dir")
-        prepare(cfg)
+        with sigterm_raises():
+            cfg = load_config(args.config, args.overrides)
+            check_writable_dir(cfg.data.dir, "data.dir")
+            with disk_full_is_a_user_error(cfg.data.dir, "the prepared data (data.dir keeps only complete sources)"):
+                prepare(cfg)
     except Terminated:
         print("scalegpt: terminated; data.dir keeps only complete sources; re-run to finish", file=sys.stderr)
         return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -95,7 +85,9 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
     else:
         assert tok is not None and old is not None
         sha = save_tokenizer(tok.tok, plan.data_dir / TOKENIZER_FILE)
-        manifest = plan.manifest({e["name"]: e for e in old["sources"]}, tok, sha)
+        entries = {e["name"]: e for e in old["sources"]}
+        say_filled(fill_missing(plan.data_dir, entries), echo)
+        manifest = plan.manifest(entries, tok, sha)
         if manifest != old:
             write_json_atomic(plan.data_dir / MANIFEST, manifest, indent=1)
         plan.drop_removed(echo)

@@ -4,6 +4,7 @@ the train/validation split, computed before anything in data.dir changes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 
 from ...config.schema import Config
 from ...errors import UserError
+from ..checksum import checksums
 from .plan import Work, file_name
 from .workers import Encoded
 
@@ -30,10 +32,14 @@ class SourceTokens:
         self.bytes_path = self.path.with_name(self.path.name + ".ends-bytes")
         self._files = [open(p, "wb") for p in (self.path, self.ends_path, self.bytes_path)]
         self.tokens = self.bytes = self.documents = 0
+        self.sha256 = hashlib.sha256()
+        """Of the token file as written, so that its checksum costs no second read."""
 
     def add(self, e: Encoded) -> None:
         ids, ends, end_bytes = self._files
-        ids.write(np.ascontiguousarray(e.ids, self.dtype).tobytes())
+        data = np.ascontiguousarray(e.ids, self.dtype).tobytes()
+        ids.write(data)
+        self.sha256.update(data)
         ends.write((e.doc_ends + self.tokens).tobytes())
         end_bytes.write((e.doc_bytes + self.bytes).tobytes())
         self.tokens += len(e.ids)
@@ -102,4 +108,5 @@ def summarize(w: Work, t: SourceTokens, cfg: Config, byte_len: np.ndarray) -> di
         "val": {"tokens": t.tokens - train_tok, "documents": n_docs - train_docs, "bytes": t.bytes - train_bytes},
         "invalid_utf8_lines_skipped": w.stats.bad_lines,
         "empty_documents_skipped": w.stats.empty,
+        **checksums(t.path, t.sha256.hexdigest()),
     }

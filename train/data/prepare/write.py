@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ...osutil import write_json_atomic
+from ..checksum import fill_missing
 from ..mixture import MANIFEST
 from ..tokenizer import save_tokenizer
 from .plan import TOKENIZER_FILE, Echo, Plan, Tok, Work
@@ -21,6 +22,7 @@ def write_all(plan: Plan, work: list[Work], files: list[Path], tok: Tok, echo: E
     file_sha = save_tokenizer(tok.tok, data_dir / TOKENIZER_FILE)
     redo = {w.source.name for w in work}
     entries = {e["name"]: e for e in (plan.old or {}).get("sources", []) if e["name"] not in redo}
+    say_filled(fill_missing(data_dir, entries), echo)
     write_json_atomic(data_dir / MANIFEST, plan.manifest(entries, tok, file_sha), indent=1)
     for w, path in zip(work, files, strict=True):
         final = data_dir / w.entry["file"]
@@ -36,3 +38,9 @@ def write_all(plan: Plan, work: list[Work], files: list[Path], tok: Tok, echo: E
         )
     plan.drop_removed(echo)
     return plan.manifest(entries, tok, file_sha)
+
+
+def say_filled(names: list[str], echo: Echo) -> None:
+    """One line when prepare recorded checksums that a data dir prepared before them lacked."""
+    if names:
+        echo(f"  recorded the checksums of {', '.join(names)} (prepared before checksums), as the files are now")
