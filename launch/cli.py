@@ -30,7 +30,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "export": ("scalegpt.train.export", "export_command"),
     "plan": ("scalegpt.launch.plan", "plan_command"),
     "plot": ("scalegpt.launch.plot", "plot_command"),
-    "inspect": ("scalegpt.launch.inspect", "inspect_command"),
+    "inspect": ("scalegpt.launch.inspect_cmd", "inspect_command"),
     "ladder": ("scalegpt.launch.ladder", "ladder_command"),
 }
 

@@ -36,6 +36,7 @@ from ..train.config.loading import load_config
 from ..train.config.schema import Config
 from ..train.engine import compiled_ops_note, deepspeed_config
 from ..train.errors import UserError
+from ..train.schedule import Totals, run_totals
 
 HEADROOM = 0.10
 """Fraction of GPU memory kept free: the CUDA context and kernels (~0.5-1 GiB), NCCL buffers, and the
@@ -138,7 +139,12 @@ class Plan:
     step_seconds: float
     """tokens_per_step x flops_per_token / (gpus x tflops)."""
     max_steps: int
+    samples: int
+    """Sequences in max_steps steps, through the batch ramp (train/schedule.py's run_totals)."""
+    tokens: int
+    """samples x n_ctx."""
     train_days: float
+    """tokens x flops_per_token / (gpus x tflops): the ramp's small early steps take less time."""
 
 
 def _bucket_bytes(cfg: Config, gpus: int) -> float:
@@ -270,6 +276,8 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Pl
     choices = [None if batch.error else _choose(cfg, gpus, usable, ckpt, batch.per_gpu) for ckpt in (False, True)]
     tokens_per_step = batch.global_batch * m.n_ctx
     step_seconds = tokens_per_step * flops_per_token(m) / (gpus * tflops * 1e12)
+    # a batch that cannot split has no run to count; plan_command refuses it after the report
+    totals = run_totals(cfg, gpus) if batch.error is None else Totals(t.max_steps, 0, 0)
     return Plan(
         model=m,
         gpus=gpus,
@@ -301,7 +309,9 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Pl
         tokens_per_step=tokens_per_step,
         step_seconds=step_seconds,
         max_steps=t.max_steps,
-        train_days=t.max_steps * step_seconds / 86400,
+        samples=totals.samples,
+        tokens=totals.tokens,
+        train_days=totals.tokens * flops_per_token(m) / (gpus * tflops * 1e12) / 86400,
     )
 
 
@@ -450,8 +460,9 @@ class _Report:
             f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
             f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x "
             f"{plan.tflops:g}e12) = {plan.step_seconds:.3g} s",
-            f"training time: {plan.max_steps:,} steps ({_count(plan.tokens_per_step * plan.max_steps)} tokens) = "
-            f"{_duration(plan.train_days * 86400)} on {plan.gpus} GPU(s)",
+            f"training time: {plan.max_steps:,} steps, {plan.samples:,} samples, {plan.tokens:,} tokens "
+            f"({_count(plan.tokens)}, through the batch ramp) = {_duration(plan.train_days * 86400)} on "
+            f"{plan.gpus} GPU(s)",
         ]
 
 
