@@ -13,20 +13,22 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 import scalegpt.model.flops
+from scalegpt.launch.memory import (
+    activation_memory,
+    deepspeed_zero2_model_states,
+    loss_peak_bytes,
+    zero_bucket_bytes,
+    zero_model_states,
+)
 from scalegpt.model.config import ModelConfig
 from scalegpt.model.flops import (
     LOSS_CHUNK_ELEMENTS,
     PEAK_FLOPS,
-    activation_memory,
     count_params,
-    deepspeed_zero2_model_states,
     flops_per_token,
     loss_chunks,
-    loss_peak_bytes,
     mfu,
     peak_flops_for,
-    zero_bucket_bytes,
-    zero_model_states,
 )
 from scalegpt.model.gpt import GPT
 

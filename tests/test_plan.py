@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.launch.plan import Plan, make_plan, peak_memory
-from scalegpt.model.flops import GiB, count_params, flops_per_token
+from scalegpt.launch.memory import GiB
+from scalegpt.launch.plan import ResourcePlan, peak_memory, plan_resources
+from scalegpt.model.flops import count_params, flops_per_token
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 
@@ -33,7 +34,7 @@ ONE_PROCESS = ["train.micro_batch=4", "train.global_batch=4", SMALL_BUCKETS]
 @pytest.mark.parametrize("gpus", [1, 8])
 def test_gpt3_small_plan_equals_the_formulas(gpus: int) -> None:
     cfg = load_config(SMALL)
-    plan = make_plan(cfg, gpus, 80, 400)
+    plan = plan_resources(cfg, gpus, 80, 400)
     psi = count_params(cfg.model)
     assert plan.params == psi == 125_198_592
     ds = plan.deepspeed_zero2
@@ -69,15 +70,15 @@ def test_gpt3_small_plan_equals_the_formulas(gpus: int) -> None:
 
 
 def test_plan_reports_what_does_not_fit_and_unreachable_batches() -> None:
-    huge = make_plan(load_config(ROOT / "configs" / "gpt3-175b.yaml"), 8, 80, 400)
+    huge = plan_resources(load_config(ROOT / "configs" / "gpt3-175b.yaml"), 8, 80, 400)
     assert huge.peak.total > huge.usable_memory
     assert huge.recommended is None and huge.recommended_checkpointing is None
-    odd = make_plan(load_config(SMALL), 3, 80, 400)
+    odd = plan_resources(load_config(SMALL), 3, 80, 400)
     assert odd.batch_error and "divides 256" in odd.batch_error
-    free = make_plan(load_config(SMALL, ["train.global_batch=0"]), 2, 80, 400)
+    free = plan_resources(load_config(SMALL, ["train.global_batch=0"]), 2, 80, 400)
     assert free.global_batch == 16 and free.recommended is not None
     assert free.recommended.grad_accum == 1 and free.recommended.micro_batch & (free.recommended.micro_batch - 1) == 0
-    offload = make_plan(load_config(SMALL, ["train.cpu_offload=true"]), 1, 80, 400)
+    offload = plan_resources(load_config(SMALL, ["train.cpu_offload=true"]), 1, 80, 400)
     psi = offload.params
     assert offload.model_states.total == 2 * psi and offload.model_states.offloaded == 18 * psi
 
@@ -86,7 +87,7 @@ def test_bad_arguments_are_user_errors() -> None:
     cfg = load_config(SMALL)
     for gpus, memory, tflops in [(0, 80, 400), (-2, 80, 400), (1, 0, 400), (1, float("nan"), 400), (1, 80, 0)]:
         with pytest.raises(UserError):
-            make_plan(cfg, gpus, memory, tflops)
+            plan_resources(cfg, gpus, memory, tflops)
 
 
 def test_cli_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,9 +257,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     return {name: _results(*run) for name, run in runs.items()}
 
 
-def _predicted(precision: str, gpus: int) -> Plan:
+def _predicted(precision: str, gpus: int) -> ResourcePlan:
     overrides = ONE_PROCESS if gpus == 1 else [SMALL_BUCKETS]
-    return make_plan(load_config(SMOKE, [f"train.precision={precision}", *overrides]), gpus, 80, 400)
+    return plan_resources(load_config(SMOKE, [f"train.precision={precision}", *overrides]), gpus, 80, 400)
 
 
 def _close(measured: float, predicted: float, tolerance: float) -> bool:
@@ -330,7 +331,7 @@ def test_real_smoke_run_peak_memory(request: pytest.FixtureRequest, tmp_path: Pa
     cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(free_port()), str(probe), str(tmp_path / "out")]
     log = tmp_path / "train.log"
     results = _results(_start([*cmd, "train", str(SMOKE), *overrides], log, env), log, tmp_path / "out", 2)
-    plan = make_plan(load_config(SMOKE, overrides), 2, 80, 400)
+    plan = plan_resources(load_config(SMOKE, overrides), 2, 80, 400)
     for m in results:
         assert _close(m["peak"], plan.peak.total, 0.25), (m["peak"] / GiB, plan.peak.total / GiB)
 
