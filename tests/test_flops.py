@@ -1,6 +1,6 @@
 """model/flops.py: parameter counts against the real module and GPT-3 Table 2.1, the FLOP formula on a
-case worked by hand, peak-FLOPS lookup, the ZeRO and DeepSpeed model-state formulas, and activation
-memory against Korthikanti et al.'s formula and against what PyTorch actually allocates."""
+case worked by hand, peak-FLOPS lookup; launch/memory.py: the ZeRO and DeepSpeed model-state formulas,
+and activation memory against Korthikanti et al.'s formula and against what PyTorch actually allocates."""
 
 from __future__ import annotations
 
