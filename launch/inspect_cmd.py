@@ -33,6 +33,9 @@ EXACT_LIMIT = 1 << 21
 """Up to this many samples every index is resolved, as the trainer resolves them; past it the counts come
 from the sampler's closed form (Mixture.stage_counts, which the tests hold equal to resolving)."""
 
+RESOLVE_CHUNK = 1 << 18
+"""Indices resolved at once when counting exactly: a few MB of arrays at a time."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -105,20 +108,19 @@ def _runs(spans: list[StepSpan]) -> list[tuple[int, int]]:
     return out
 
 
-def count_sources(mixture: Mixture, spans: list[StepSpan], *, micro_batch: int, world_size: int) -> np.ndarray:
-    """Samples per source over the spans (in mixture.names order), every index resolved as the trainer does."""
-    counts = np.zeros(len(mixture.names), dtype=np.int64)
-    for span in spans:
-        drawn = mixture.source_counts(step_indices(span, micro_batch=micro_batch, world_size=world_size))
-        counts += np.array([drawn[n] for n in mixture.names])
-    return counts
-
-
 def count_runs(mixture: Mixture, runs: list[tuple[int, int]]) -> np.ndarray:
-    """Samples per source over [start, stop) sample ranges, from the sampler's closed form."""
+    """Samples per source over [start, stop) sample ranges (in mixture.names order). Up to EXACT_LIMIT
+    samples every index is resolved, as the trainer resolves them (a step's ranks together read exactly
+    its range, rank_indices only orders it); past that, the sampler's closed form."""
     counts = np.zeros(len(mixture.names), dtype=np.int64)
+    exact = sum(b - a for a, b in runs) <= EXACT_LIMIT
     for a, b in runs:
-        counts += mixture.stage_counts(b).sum(axis=0) - mixture.stage_counts(a).sum(axis=0)
+        if not exact:
+            counts += mixture.stage_counts(b).sum(axis=0) - mixture.stage_counts(a).sum(axis=0)
+            continue
+        for lo in range(a, b, RESOLVE_CHUNK):
+            drawn = mixture.source_counts(np.arange(lo, min(b, lo + RESOLVE_CHUNK)))
+            counts += np.array([drawn[n] for n in mixture.names])
     return counts
 
 
@@ -190,10 +192,11 @@ def _spans(schedule: Schedule, target: Target, first: int, stop: int) -> list[St
     return step_spans(schedule, first, stop, skips.advance if skips is not None else None)
 
 
-def _picked_spans(schedule: Schedule, target: Target, first: int, stop: int, n: int) -> list[StepSpan]:
-    """The steps `--show` decodes from: every step of a range small enough to resolve whole, else n steps
-    spread over it (the first included), each found through the schedule's totals."""
-    if stop - first <= EXACT_LIMIT or target.skips is not None:
+def _picked_spans(schedule: Schedule, target: Target, first: int, stop: int, n: int, samples: int) -> list[StepSpan]:
+    """The steps `--show` decodes from: every step of a range of up to EXACT_LIMIT samples (or one with
+    skipped samples, which only a walk finds), else n steps spread over it (the first included), each
+    found through the schedule's totals."""
+    if samples <= EXACT_LIMIT or target.skips is not None:
         return _spans(schedule, target, first, stop)
     picks = sorted({int(k) for k in np.linspace(first, stop - 1, num=n)})
     return [_spans(schedule, target, k, k + 1)[0] for k in picks]
@@ -210,10 +213,7 @@ def inspect_steps(target: Target, first: int, stop: int, *, world_size: int, sho
     schedule = Schedule.from_config(cfg, world_size=world_size)
     runs = _sample_runs(schedule, first, stop, target.skips)
     micro = cfg.train.micro_batch
-    if sum(b - a for a, b in runs) <= EXACT_LIMIT:  # every index resolved, as the trainer resolves them
-        counts = count_sources(mixture, _spans(schedule, target, first, stop), micro_batch=micro, world_size=world_size)
-    else:
-        counts = count_runs(mixture, runs)
+    counts = count_runs(mixture, runs)
     total = int(counts.sum())
     expected = expected_shares(mixture, runs)
     sources = {
@@ -233,7 +233,7 @@ def inspect_steps(target: Target, first: int, stop: int, *, world_size: int, sho
     if show:
         if tokenizer is None:
             raise UserError(f"--show needs {tok_file} to decode the samples; run `scalegpt prepare` first")
-        picked = _picked_spans(schedule, target, first, stop, show)
+        picked = _picked_spans(schedule, target, first, stop, show, total)
         report["shown"] = _shown(mixture, picked, show, tokenizer, micro_batch=micro, world_size=world_size)
     report["mixture"] = describe(mixture, run_totals(cfg, world_size).samples)
     return report
