@@ -61,7 +61,6 @@ def refresh(
 ) -> tuple[list[str], Path | None]:
     """Read every rung's state, fit the finished ones, rewrite ladder.json and draw the figure (when at
     least one rung has finished). Returns the lines to print and the PNG written, if any."""
-
     infos = [RungInfo.from_json(r) for r in summary["rungs"]]
     outcomes = [outcome(ladder_dir, info) for info in infos]
     fits = fit_all(outcomes)
@@ -130,8 +129,7 @@ def _train_pending(plan: LadderPlan, launch: argparse.Namespace | None, summary:
 
 
 def ladder_command(args: argparse.Namespace) -> int:
-    """Entry point of `scalegpt ladder` (parser: add_parser below)."""
-
+    """Entry point of `scalegpt ladder` (its parser: options.py)."""
     started = time.monotonic()
     if args.sizes:  # `--sizes 64 128 run.dir=x`: argparse gives the override to --sizes; it is an override
         args.overrides = [*args.overrides, *(s for s in args.sizes if "=" in s)]

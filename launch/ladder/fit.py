@@ -122,7 +122,6 @@ def fit_both(x: Sequence[float], y: Sequence[float]) -> list[PowerLaw]:
 def fit_group(axis_value: str | None, outcomes: list[Outcome]) -> GroupFit:
     """Fit the finished rungs of one frontier: final validation loss (and bits per byte) against the
     rung's training FLOPs C, and against its parameters N."""
-
     done = sorted((o for o in outcomes if o.finished), key=lambda o: o.info.params)
     losses = [o.val_loss for o in done if o.val_loss is not None]
     falls = all(a > b for a, b in zip(losses, losses[1:], strict=False))

@@ -265,7 +265,6 @@ def _plan_rung(
     args: argparse.Namespace, recipe: _Recipe, shape: Shape, axis: tuple[Axis, str] | None, ladder_dir: Path
 ) -> Rung:
     """One rung: its budget in steps, its learning rate, and its config loaded through load_config."""
-
     axis_over = [f"{axis[0].key}={axis[1]}"] if axis else []
     base = load_config(args.config, [*args.overrides, *axis_over])
     model = replace(base.model, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
@@ -313,7 +312,6 @@ def _check_axis(args: argparse.Namespace, axis: Axis) -> None:
 def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
     """Load and check every rung's config before anything trains, so a bad size or axis value costs
     nothing."""
-
     ref = load_config(args.config, args.overrides)
     if ref.eval.batches < 1:
         raise UserError("eval.batches must be at least 1: the ladder fits each rung's final validation loss")

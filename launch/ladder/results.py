@@ -49,7 +49,6 @@ class Outcome:
 def outcome(ladder_dir: Path, info: RungInfo) -> Outcome:
     """Done means the latest complete checkpoint is at the rung's last step, so `scalegpt train` would
     find nothing to do; its last record then holds the final validation loss."""
-
     run_dir = ladder_dir / info.dir
     latest = find_latest(run_dir)
     step = latest.step if latest is not None and latest.complete and latest.step is not None else 0

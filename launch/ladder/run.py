@@ -18,10 +18,10 @@ from ..options import Parser, add_launch_parser
 from .plan import LadderPlan, Rung
 
 
+# -- before a rung trains ----------------------------------------------------------------------------------
 def check_rung_config(rung: Rung, ladder_dir: Path) -> None:
     """A rung directory made with another config is another experiment: refuse it before the ladder
     counts it as done or resumes it, as the trainer itself would."""
-
     rung_dir = ladder_dir / rung.info.dir
     diffs = run_dir_differences(rung_dir, rung.cfg)
     if diffs:
@@ -48,7 +48,6 @@ def _run_local(config: str, overrides: list[str]) -> int:
 
 def launch_namespace(config: str, launch_args: list[str]) -> argparse.Namespace:
     """`--launch ...` read by `scalegpt launch`'s own parser, so every launch option means what it means there."""
-
     parser = Parser(prog="scalegpt")
     add_launch_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     ns, extra = parser.parse_known_args(["launch", config, *launch_args])
