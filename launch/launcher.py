@@ -323,6 +323,7 @@ def build_launch(args: argparse.Namespace, cfg: Config, overrides: list[str]) ->
 # -- running --------------------------------------------------------------------------------------------
 def _check_run_dir(cfg: Config) -> None:
     """A queued job should not wait hours to find that its run directory holds another experiment."""
+    # start-up: train.loop loads torch and DeepSpeed, which the launcher itself never needs
     from ..train.loop import config_differences
 
     existing = Path(cfg.run.dir) / "config.yaml"
