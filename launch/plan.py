@@ -134,7 +134,8 @@ class ResourcePlan:
     recommended_checkpointing: BatchChoice | None
     """Largest micro batch that fits with activation checkpointing, if any."""
     batch_error: str | None
-    """Why the global batch cannot be reached exactly on this many GPUs, if it cannot."""
+    """Why the batches cannot be made on this many GPUs, if they cannot: the global batch does not split
+    into whole micro batches, or the batch ramp's quantum does not."""
     tokens_per_step: int
     step_seconds: float
     """tokens_per_step x flops_per_token / (gpus x tflops)."""
@@ -265,6 +266,18 @@ def _split_batch(cfg: Config, gpus: int) -> _Batch:
     return _Batch(global_batch=t.global_batch, per_gpu=per_gpu, grad_accum=accum, error=None)
 
 
+def _totals(cfg: Config, gpus: int, batch_error: str | None) -> tuple[Totals, str | None]:
+    """The run's totals through the batch ramp, and why the batches cannot be made on this many GPUs, if
+    they cannot (the global batch does not split, or the ramp's quantum does not): then there is no run to
+    count, and plan_command refuses it after the report."""
+    if batch_error is None:
+        try:
+            return run_totals(cfg, gpus), None
+        except UserError as exc:
+            batch_error = str(exc)
+    return Totals(cfg.train.max_steps, 0, 0), batch_error
+
+
 def plan_resources(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> ResourcePlan:
     """The plan for `cfg` on `gpus` data-parallel GPUs of `gpu_memory_gb` GiB each, sustaining `tflops`
     model TFLOP/s each (MFU x peak; recompute is not added). Raises UserError on bad arguments."""
@@ -276,8 +289,7 @@ def plan_resources(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) 
     choices = [None if batch.error else _choose(cfg, gpus, usable, ckpt, batch.per_gpu) for ckpt in (False, True)]
     tokens_per_step = batch.global_batch * m.n_ctx
     step_seconds = tokens_per_step * flops_per_token(m) / (gpus * tflops * 1e12)
-    # a batch that cannot split has no run to count; plan_command refuses it after the report
-    totals = run_totals(cfg, gpus) if batch.error is None else Totals(t.max_steps, 0, 0)
+    totals, error = _totals(cfg, gpus, batch.error)
     return ResourcePlan(
         model=m,
         gpus=gpus,
@@ -305,7 +317,7 @@ def plan_resources(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) 
         grad_accum=batch.grad_accum,
         recommended=choices[0],
         recommended_checkpointing=choices[1],
-        batch_error=batch.error,
+        batch_error=error,
         tokens_per_step=tokens_per_step,
         step_seconds=step_seconds,
         max_steps=t.max_steps,
@@ -456,13 +468,18 @@ class _Report:
     def time(self) -> list[str]:
         plan = self.plan
         h100 = plan.tflops * 1e12 / PEAK_FLOPS["H100"]
+        total = (
+            f"training time: {plan.max_steps:,} steps, {plan.samples:,} samples, {plan.tokens:,} tokens "
+            f"({_count(plan.tokens)}, through the batch ramp) = {_duration(plan.train_days * 86400)} on "
+            f"{plan.gpus} GPU(s)"
+        )
+        if plan.batch_error:  # no run to count: its batches cannot be made (the batch line says why)
+            total = f"training time: not counted, since the batches cannot be made on {plan.gpus} GPU(s)"
         return [
             f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
             f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x "
             f"{plan.tflops:g}e12) = {plan.step_seconds:.3g} s",
-            f"training time: {plan.max_steps:,} steps, {plan.samples:,} samples, {plan.tokens:,} tokens "
-            f"({_count(plan.tokens)}, through the batch ramp) = {_duration(plan.train_days * 86400)} on "
-            f"{plan.gpus} GPU(s)",
+            total,
         ]
 
 

@@ -356,3 +356,16 @@ def test_qkv_bias_false_on_the_command_line_drops_only_the_qkv_biases(capsys: py
         assert built.transformer.h[0].attn.c_proj.bias is not None
     cfg = load_config("smoke")
     assert counts[0] - counts[1] == 3 * cfg.model.d_model * cfg.model.n_layer
+
+
+def test_a_ramp_that_cannot_split_over_the_gpus_is_refused_after_the_report(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """gpt3-small ramps in whole 64s (micro batch 8): fine on 8 GPUs, impossible on 16, where a ramp batch
+    must be a multiple of 128. The report still prints; the training time is not made up; the exit is 2."""
+    assert main(["plan", str(SMALL), "--gpus", "16"]) == 2
+    out, err = capsys.readouterr()
+    assert "training time: not counted, since the batches cannot be made on 16 GPU(s)" in out
+    assert err.count("\n") == 1 and "schedule.ramp_quantum=64" in err and "multiple of 128" in err, err
+    assert main(["plan", str(SMALL), "--gpus", "16", "schedule.ramp_quantum=128"]) == 0
+    assert "training time: 572,205 steps" in capsys.readouterr().out
