@@ -1,7 +1,9 @@
 """`scalegpt`: one entry point for prepare, train, launch, sample, eval, export, plan and plot.
 
-Each sub-command's parser lives here; its work lives in the module that owns it. Bad input of any
-kind becomes one line, `scalegpt: error: ...`, and exit code 2.
+The parser and the dispatch, nothing else: each sub-command's parser is built here (launch's in
+launch/options.py, since the ladder's --launch reads it too; the ladder's in launch/ladder/options.py);
+its work lives in the module that owns it, imported only when that command runs. Bad input of any kind
+becomes one line, `scalegpt: error: ...`, and exit code 2. No module of ours imports this one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..train.errors import QUIET_INTERRUPT, SharedUserError, UserError
+from .ladder.options import add_parser as add_ladder_parser
+from .options import Parser, add_launch_parser, with_config
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -29,23 +33,10 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "eval": ("scalegpt.launch.evaluate", "eval_command"),
     "export": ("scalegpt.train.export", "export_command"),
     "plan": ("scalegpt.launch.plan", "plan_command"),
-    "plot": ("scalegpt.launch.plot", "plot_command"),
-    "inspect": ("scalegpt.launch.inspect", "inspect_command"),
-    "ladder": ("scalegpt.launch.ladder", "ladder_command"),
+    "plot": ("scalegpt.launch.ladder.command", "plot_command"),  # a run or a ladder directory
+    "inspect": ("scalegpt.launch.inspect_cmd", "inspect_command"),
+    "ladder": ("scalegpt.launch.ladder.command", "ladder_command"),
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors follow the same one-line contract
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _with_config(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
-    """A sub-command that reads a run YAML and key=value overrides."""
-    s = sub.add_parser(name, help=help_, description=help_)
-    s.add_argument("config", help="run YAML, or a packaged preset by name: configs/smoke.yaml, smoke, gpt3-small")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
-    return s
 
 
 def _with_weights(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentParser:
@@ -58,43 +49,12 @@ def _with_weights(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentP
 
 
 def _add_prepare(sub: _Subparsers) -> None:
-    _with_config(sub, "prepare", "tokenize every source of the config's data section")
+    with_config(sub, "prepare", "tokenize every source of the config's data section")
 
 
 def _add_train(sub: _Subparsers) -> None:
-    s = _with_config(sub, "train", "train in this process (one rank under a launcher)")
+    s = with_config(sub, "train", "train in this process (one rank under a launcher)")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, then exit")
-
-
-def _add_launch(sub: _Subparsers) -> None:
-    s = _with_config(sub, "launch", "start a multi-process / multi-GPU / multi-node run")
-    where = s.add_mutually_exclusive_group()
-    where.add_argument("--procs", type=int, help="N CPU processes on this machine")
-    where.add_argument("--gpus", type=int, help="N GPUs on this machine")
-    where.add_argument("--hostfile", help="DeepSpeed hostfile for several nodes")
-    where.add_argument("--slurm", action="store_true", help="write and submit an sbatch script")
-    s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
-    s.add_argument("--nodes", type=int, default=None, help="nodes (SLURM: default 1; hostfile: default all)")
-    s.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="ranks per node: GPUs, or CPU processes when train.device=cpu (SLURM: default 8; hostfile: slots)",
-    )
-    s.add_argument("--master-addr", default=None, help="address of the rank-0 node (hostfile: default its first host)")
-    s.add_argument(
-        "--master-port",
-        type=int,
-        default=None,
-        help="rendezvous port (one machine: default a free one, so two jobs can share it; nodes: 29500)",
-    )
-    s.add_argument(
-        "--multinode-runner", choices=["pdsh", "openmpi"], default="pdsh", help="DeepSpeed's runner (hostfile)"
-    )
-    s.add_argument("--time", default="24:00:00", help="SLURM time limit")
-    s.add_argument("--partition", default=None, help="SLURM partition")
-    s.add_argument("--account", default=None, help="SLURM account")
-    s.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
 
 
 def _add_sample(sub: _Subparsers) -> None:
@@ -173,17 +133,11 @@ def _add_inspect(sub: _Subparsers) -> None:
     s.add_argument("--world-size", type=int, default=None, help="processes (default: the run's, else 1)")
 
 
-def _add_ladder(sub: _Subparsers) -> None:
-    from .ladder import add_parser  # its options live beside its command
-
-    add_parser(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    adders = (_add_prepare, _add_train, _add_launch, _add_sample, _add_eval, _add_export, _add_plan, _add_plot)
-    for add in (*adders, _add_inspect, _add_ladder):
+    p = Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    adders = (_add_prepare, _add_train, add_launch_parser, _add_sample, _add_eval, _add_export, _add_plan, _add_plot)
+    for add in (*adders, _add_inspect, add_ladder_parser):
         add(sub)
     return p
 

@@ -23,6 +23,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -321,6 +323,7 @@ def build_launch(args: argparse.Namespace, cfg: Config, overrides: list[str]) ->
 # -- running --------------------------------------------------------------------------------------------
 def _check_run_dir(cfg: Config) -> None:
     """A queued job should not wait hours to find that its run directory holds another experiment."""
+    # start-up: train.loop loads torch and DeepSpeed, which the launcher itself never needs
     from ..train.loop import config_differences
 
     existing = Path(cfg.run.dir) / "config.yaml"
@@ -426,25 +429,42 @@ def _interrupt(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
         proc.wait()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What a scheduler sends before it ends a job (SLURM: SIGUSR1 ahead of the time limit, SIGTERM at it); a
+rank that receives one finishes its step, saves a checkpoint and exits 0."""
+
+
+@contextmanager
+def forward_stop_signals(deliver: Callable[[int], object]) -> Iterator[None]:
+    """While the body runs, a stop signal to this process goes to `deliver(signum)` instead of stopping it:
+    the process that waits on trainers (the launcher, the ladder) must outlive them and pass the request
+    on, so they can save. The handlers that were there before come back afterwards."""
+    previous = {sig: signal.signal(sig, lambda signum, _frame: deliver(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _to_ranks(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """Hand a stop signal straight to the ranks: they finish the step, save and exit 0. (DeepSpeed's
+    launcher, signalled itself, would exit 1 and kill ranks that take over 30 s to save.) One rank is
+    enough, since the ranks agree on stopping; with no rank on this node (pdsh), SIGTERM goes to the
+    launcher, which stops the remote ranks its own way."""
+    ranks = _rank_processes(proc.pid)
+    for rank in ranks:
+        rank.send_signal(signum)
+    if not ranks and signum == signal.SIGTERM and proc.poll() is None:
+        proc.send_signal(signum)
+    elif not ranks:
+        print(f"scalegpt: no rank runs on this node to receive signal {signum}", file=sys.stderr, flush=True)
+
+
 def _wait(proc: subprocess.Popen[bytes]) -> int:
-    """Wait for the launcher, handing SIGTERM/SIGUSR1 to the ranks meanwhile."""
-
-    def forward(signum: int, _frame: object) -> None:
-        """Hand SIGTERM/SIGUSR1 straight to the ranks: they finish the step, save and exit 0. (DeepSpeed's
-        launcher, signalled itself, would exit 1 and kill ranks that take over 30 s to save.) One rank is
-        enough, since the ranks agree on stopping; with no rank on this node (pdsh), SIGTERM goes to the
-        launcher, which stops the remote ranks its own way."""
-        ranks = _rank_processes(proc.pid)
-        for rank in ranks:
-            rank.send_signal(signum)
-        if not ranks and signum == signal.SIGTERM and proc.poll() is None:
-            proc.send_signal(signum)
-        elif not ranks:
-            print(f"scalegpt: no rank runs on this node to receive signal {signum}", file=sys.stderr, flush=True)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, forward)
-    return proc.wait()
+    """Wait for the launcher, handing stop signals to the ranks meanwhile."""
+    with forward_stop_signals(lambda signum: _to_ranks(proc, signum)):
+        return proc.wait()
 
 
 def _is_rank(cmdline: list[str]) -> bool:

@@ -1,9 +1,11 @@
 """`scalegpt plan CONFIG [--gpus N] [--gpu-memory GB] [--tflops T]`: will a run fit, with which micro
-batch, and how long will it take? Arithmetic only (model/flops.py): nothing is allocated or launched.
+batch, and how long will it take? Arithmetic only (model/flops.py for FLOPs, launch/memory.py for bytes,
+train/schedule.py's run_totals for the tokens through the batch ramp): nothing is allocated or launched.
 
-``make_plan`` returns a Plan of numbers for tests and benchmarks (a GPU benchmark compares a real
-run's peak memory with ``Plan.peak.total``); ``format_plan`` turns it into the printed report. On CPU,
-DeepSpeed ZeRO-2 runs of the smoke model peak 5-8% below ``Plan.peak.total`` (tests/test_plan.py).
+``plan_resources`` returns a ResourcePlan of numbers for tests and benchmarks (a GPU benchmark compares a
+real run's peak memory with ``ResourcePlan.peak.total``); ``format_plan`` turns it into the printed report.
+On CPU, DeepSpeed ZeRO-2 runs of the smoke model peak 5-8% below ``ResourcePlan.peak.total``
+(tests/test_plan.py).
 
 Which model-state accounting the plan *uses* (for the peak and the recommended micro batch): for
 ZeRO-2 runs, DeepSpeed's own estimate (2Ψ + 18Ψ/N in 16 bits, 4Ψ + 16Ψ/N in fp32; see
@@ -18,24 +20,23 @@ import math
 from dataclasses import dataclass
 
 from ..model.config import ModelConfig
-from ..model.flops import (
-    DEEPSPEED_REDUCE_BUCKET_SIZE,
-    PEAK_FLOPS,
-    ActivationMemory,
-    GiB,
-    ModelStateBytes,
-    activation_memory,
-    count_params,
-    deepspeed_zero2_model_states,
-    flops_per_token,
-    value_bytes,
-    zero_bucket_bytes,
-    zero_model_states,
-)
+from ..model.flops import PEAK_FLOPS, count_params, flops_per_token
 from ..train.config.loading import load_config
 from ..train.config.schema import Config
 from ..train.engine import compiled_ops_note, deepspeed_config
 from ..train.errors import UserError
+from ..train.schedule import Totals, run_totals
+from .memory import (
+    DEEPSPEED_REDUCE_BUCKET_SIZE,
+    ActivationMemory,
+    GiB,
+    ModelStateBytes,
+    activation_memory,
+    deepspeed_zero2_model_states,
+    value_bytes,
+    zero_bucket_bytes,
+    zero_model_states,
+)
 
 HEADROOM = 0.10
 """Fraction of GPU memory kept free: the CUDA context and kernels (~0.5-1 GiB), NCCL buffers, and the
@@ -92,7 +93,7 @@ class BatchChoice:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ResourcePlan:
     """Everything `scalegpt plan` prints, as numbers (bytes, FLOPs, seconds)."""
 
     model: ModelConfig
@@ -133,12 +134,18 @@ class Plan:
     recommended_checkpointing: BatchChoice | None
     """Largest micro batch that fits with activation checkpointing, if any."""
     batch_error: str | None
-    """Why the global batch cannot be reached exactly on this many GPUs, if it cannot."""
+    """Why the batches cannot be made on this many GPUs, if they cannot: the global batch does not split
+    into whole micro batches, or the batch ramp's quantum does not."""
     tokens_per_step: int
     step_seconds: float
     """tokens_per_step x flops_per_token / (gpus x tflops)."""
     max_steps: int
+    samples: int
+    """Sequences in max_steps steps, through the batch ramp (train/schedule.py's run_totals)."""
+    tokens: int
+    """samples x n_ctx."""
     train_days: float
+    """tokens x flops_per_token / (gpus x tflops): the ramp's small early steps take less time."""
 
 
 def _bucket_bytes(cfg: Config, gpus: int) -> float:
@@ -259,7 +266,19 @@ def _split_batch(cfg: Config, gpus: int) -> _Batch:
     return _Batch(global_batch=t.global_batch, per_gpu=per_gpu, grad_accum=accum, error=None)
 
 
-def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Plan:
+def _totals(cfg: Config, gpus: int, batch_error: str | None) -> tuple[Totals, str | None]:
+    """The run's totals through the batch ramp, and why the batches cannot be made on this many GPUs, if
+    they cannot (the global batch does not split, or the ramp's quantum does not): then there is no run to
+    count, and plan_command refuses it after the report."""
+    if batch_error is None:
+        try:
+            return run_totals(cfg, gpus), None
+        except UserError as exc:
+            batch_error = str(exc)
+    return Totals(cfg.train.max_steps, 0, 0), batch_error
+
+
+def plan_resources(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> ResourcePlan:
     """The plan for `cfg` on `gpus` data-parallel GPUs of `gpu_memory_gb` GiB each, sustaining `tflops`
     model TFLOP/s each (MFU x peak; recompute is not added). Raises UserError on bad arguments."""
     _check_arguments(gpus, gpu_memory_gb, tflops)
@@ -270,7 +289,8 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Pl
     choices = [None if batch.error else _choose(cfg, gpus, usable, ckpt, batch.per_gpu) for ckpt in (False, True)]
     tokens_per_step = batch.global_batch * m.n_ctx
     step_seconds = tokens_per_step * flops_per_token(m) / (gpus * tflops * 1e12)
-    return Plan(
+    totals, error = _totals(cfg, gpus, batch.error)
+    return ResourcePlan(
         model=m,
         gpus=gpus,
         gpu_memory=gpu_memory_gb * GiB,
@@ -297,15 +317,17 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) -> Pl
         grad_accum=batch.grad_accum,
         recommended=choices[0],
         recommended_checkpointing=choices[1],
-        batch_error=batch.error,
+        batch_error=error,
         tokens_per_step=tokens_per_step,
         step_seconds=step_seconds,
         max_steps=t.max_steps,
-        train_days=t.max_steps * step_seconds / 86400,
+        samples=totals.samples,
+        tokens=totals.tokens,
+        train_days=totals.tokens * flops_per_token(m) / (gpus * tflops * 1e12) / 86400,
     )
 
 
-def _unit(plan: Plan) -> tuple[str, float]:
+def _unit(plan: ResourcePlan) -> tuple[str, float]:
     """GiB for real models, MiB when everything but DeepSpeed's fixed-size buckets is under 1 GiB."""
     largest = max(plan.zero_mixed[0].total, plan.activations_no_flash.without_checkpointing)
     return ("GiB", GiB) if largest >= GiB else ("MiB", 2.0**20)
@@ -328,7 +350,7 @@ def _duration(seconds: float) -> str:
 class _Report:
     """format_plan's sections, each a method that returns its lines, in one memory unit."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: ResourcePlan) -> None:
         self.plan = plan
         self.unit, self.scale = _unit(plan)
 
@@ -446,17 +468,23 @@ class _Report:
     def time(self) -> list[str]:
         plan = self.plan
         h100 = plan.tflops * 1e12 / PEAK_FLOPS["H100"]
+        total = (
+            f"training time: {plan.max_steps:,} steps, {plan.samples:,} samples, {plan.tokens:,} tokens "
+            f"({_count(plan.tokens)}, through the batch ramp) = {_duration(plan.train_days * 86400)} on "
+            f"{plan.gpus} GPU(s)"
+        )
+        if plan.batch_error:  # no run to count: its batches cannot be made (the batch line says why)
+            total = f"training time: not counted, since the batches cannot be made on {plan.gpus} GPU(s)"
         return [
             f"step time at {plan.tflops:g} model TFLOPS per GPU ({h100 * 100:.2g}% MFU on an H100): "
             f"{plan.tokens_per_step:,} tokens x {plan.flops_per_token:.4g} FLOPs / ({plan.gpus} x "
             f"{plan.tflops:g}e12) = {plan.step_seconds:.3g} s",
-            f"training time: {plan.max_steps:,} steps ({_count(plan.tokens_per_step * plan.max_steps)} tokens) = "
-            f"{_duration(plan.train_days * 86400)} on {plan.gpus} GPU(s)",
+            total,
         ]
 
 
-def format_plan(plan: Plan, source: str = "") -> str:
-    """The human-readable report of a Plan."""
+def format_plan(plan: ResourcePlan, source: str = "") -> str:
+    """The human-readable report of a ResourcePlan."""
     r = _Report(plan)
     sections = (r.header(source), r.model_states(), r.activations(), r.peak(), r.batch(), r.time())
     return "\n".join(line for section in sections for line in section)
@@ -466,7 +494,7 @@ def plan_command(args: argparse.Namespace) -> int:
     """`scalegpt plan`: print the plan; a global batch that cannot be reached exactly is an error
     (after the report, so the rest of it is still seen)."""
     cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, args.gpus, args.gpu_memory, args.tflops)
+    plan = plan_resources(cfg, args.gpus, args.gpu_memory, args.tflops)
     print(format_plan(plan, str(args.config)), flush=True)
     print(f"compiled at start-up: {compiled_ops_note(cfg) or 'nothing'}", flush=True)
     if plan.batch_error:

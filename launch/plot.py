@@ -214,18 +214,19 @@ def save_png(fig: Figure, out: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def plot_command(args: argparse.Namespace) -> int:
-    """Entry point of `scalegpt plot` (parser in launch/cli.py)."""
-    run = Path(args.run_dir)
-    out = Path(args.out) if args.out else run / "curves.png"
+def output_path(args: argparse.Namespace) -> Path:
+    """--out, else RUN_DIR/curves.png, checked before any work."""
+    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a .png file name")
     check_writable_dir(out.parent, f"--out {out}: folder")
-    from .ladder import plot_ladder_dir
+    return out
 
-    ladder = plot_ladder_dir(run, out if args.out else None)  # a ladder directory draws the ladder's figure
-    if ladder is not None:
-        return ladder
+
+def plot_command(args: argparse.Namespace) -> int:
+    """`scalegpt plot` of a run directory (parser in launch/cli.py; a ladder directory goes to
+    launch/ladder/command.py, which calls this for anything else)."""
+    run, out = Path(args.run_dir), output_path(args)
     fig, notes = plot_run(run, data_dir=getattr(args, "data_dir", None))
     for note in notes:
         print(f"scalegpt: note: {note}", file=sys.stderr)

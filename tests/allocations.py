@@ -1,4 +1,4 @@
-"""Peak CPU memory from torch's profiler, for the tests that check model/flops.py's memory formulas.
+"""Peak CPU memory from torch's profiler, for the tests that check launch/memory.py's memory formulas.
 
 Imports only torch, so test_plan.py's probe script, which runs in its own interpreter under
 DeepSpeed's launcher, can import it too."""

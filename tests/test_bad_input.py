@@ -847,3 +847,47 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
     while any(map(_running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in pids if _running(pid)], "a process of the job outlived it"
+
+
+# -- issue 26: the ladder's --launch and inspect's step ranges (launchplan) -------------------------------------
+LADDER_AND_INSPECT_CASES = [
+    Case(
+        "ladder-launch-procs-zero",
+        ["ladder", "{smoke}", "run.dir={tmp}/ladder", "--launch", "--procs", "0"],
+        "--launch --procs must be at least 1, got 0",
+    ),
+    Case(
+        "inspect-steps-past-max-steps",
+        ["inspect", "{smoke}", "data.dir={data}", *SMALL_DATA, "--steps", "1:100000000"],
+        "goes past the run's last step, train.max_steps=200",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in LADDER_AND_INSPECT_CASES])
+def test_ladder_launch_and_inspect_ranges_are_one_error_line(
+    case: Case, inputs: Inputs, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    test_bad_input_is_one_error_line_exit_2_and_changes_nothing(case, inputs, capsys, monkeypatch)
+    assert not (inputs.paths["tmp"] / "ladder").exists()
+
+
+def test_inspect_answers_a_billion_steps_from_the_totals(
+    inputs: Inputs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A range as long as the run allows is counted from the schedule's totals and the sampler's closed
+    form: the same figures a step-by-step walk would give, without the walk."""
+    out = tmp_path / "report.json"
+    steps = 1_000_000_000
+    argv = ["inspect", "{smoke}", "data.dir={data}", *SMALL_DATA, f"train.max_steps={steps}"]
+    assert main(inputs.fill([*argv, "--steps", f"2:{steps + 1}", "--show", "2", "--json", str(out)])) == 0
+    report = json.loads(out.read_text())
+    cfg = load_config(SMOKE, [f"train.max_steps={steps}"])
+    batch = cfg.train.global_batch  # smoke has no ramp: every step is a full batch
+    assert report["sample_ranges"] == [[batch, batch * (steps + 1 - 1)]]
+    assert report["samples"] == sum(s["count"] for s in report["sources"].values()) == batch * (steps - 1)
+    weights = {s.name: s.weight for s in cfg.data.sources}
+    for name, s in report["sources"].items():
+        assert abs(s["share"] - weights[name] / sum(weights.values())) < 1e-4, (name, s)
+    assert [s["step"] for s in report["shown"]] == [2, steps]
+    assert "walked to step" not in capsys.readouterr().err  # nothing was walked step by step

@@ -1,6 +1,6 @@
 """model/flops.py: parameter counts against the real module and GPT-3 Table 2.1, the FLOP formula on a
-case worked by hand, peak-FLOPS lookup, the ZeRO and DeepSpeed model-state formulas, and activation
-memory against Korthikanti et al.'s formula and against what PyTorch actually allocates."""
+case worked by hand, peak-FLOPS lookup; launch/memory.py: the ZeRO and DeepSpeed model-state formulas,
+and activation memory against Korthikanti et al.'s formula and against what PyTorch actually allocates."""
 
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 import scalegpt.model.flops
+from scalegpt.launch.memory import (
+    activation_memory,
+    deepspeed_zero2_model_states,
+    loss_peak_bytes,
+    zero_bucket_bytes,
+    zero_model_states,
+)
 from scalegpt.model.config import ModelConfig
 from scalegpt.model.flops import (
     LOSS_CHUNK_ELEMENTS,
     PEAK_FLOPS,
-    activation_memory,
     count_params,
-    deepspeed_zero2_model_states,
     flops_per_token,
     loss_chunks,
-    loss_peak_bytes,
     mfu,
     peak_flops_for,
-    zero_bucket_bytes,
-    zero_model_states,
 )
 from scalegpt.model.gpt import GPT
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scalegpt.launch import inspect_cmd
 from scalegpt.launch.cli import main
 from scalegpt.launch.plot import epochs_by_source
 from scalegpt.train.config.loading import load_config
@@ -139,3 +140,28 @@ def test_inspect_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pyt
         assert err.startswith("scalegpt: error: --steps") and err.count("\n") == 1, err
     assert main(["inspect", str(tmp_path), "--steps", "1:2"]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_a_long_walk_through_skipped_samples_shows_progress(
+    weighted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With skipped ranges the steps are walked one by one, as the trainer took them; a long walk says how
+    far it is (every PROGRESS_STEPS steps, lowered here so that a short run walks past it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
+        shutil.copy(weighted_run / name, run / name)
+    skip = {"from_step": 2, "spike_step": 4, "start": 2000, "end": 4000, "lr_factor": 1.0, "lr_until_step": 2}
+    (run / "skipped.json").write_text(json.dumps([skip]))
+    monkeypatch.setattr(inspect_cmd, "PROGRESS_STEPS", 4)
+    report = inspect_json(tmp_path, str(run), "--steps", "3:11")
+    assert report["sample_ranges"] == [[4000, 12000]]
+    err = capsys.readouterr().err
+    assert [line.split()[5] for line in err.splitlines() if "walked to step" in line] == ["4", "8"]
+
+
+def test_inspect_refuses_steps_past_the_run(weighted_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(weighted_run), "--steps", "5:12"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.max_steps=10" in err and "--steps 5:11" in err, err
+    assert main(["inspect", str(weighted_run), "--steps", "5:11"]) == 0  # the last step is step 10

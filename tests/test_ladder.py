@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.launch.ladder import CAVEAT, GroupFit, Outcome, RungInfo, SizeRule, default_sizes, fit_group
-from scalegpt.launch.ladder_fit import fit_power_law, fit_power_law_offset
-from scalegpt.launch.ladder_plot import ladder_figure
+from scalegpt.launch.ladder.figure import ladder_figure
+from scalegpt.launch.ladder.fit import fit_group, fit_power_law, fit_power_law_offset
+from scalegpt.launch.ladder.plan import RungInfo, SizeRule, default_sizes
+from scalegpt.launch.ladder.results import CAVEAT, GroupFit, Outcome
 from scalegpt.model.config import ModelConfig
 from scalegpt.train.config.schema import from_yaml_text
 
@@ -91,9 +92,13 @@ def test_a_ladder_whose_loss_rises_with_size_says_so() -> None:
 
 
 def test_the_parser_module_is_light() -> None:
-    """Every `scalegpt` command builds the ladder's parser, so its module must not import the heavy ones."""
+    """Every `scalegpt` command builds the ladder's parser, so neither its module nor the command line's
+    imports the heavy ones."""
     heavy = "{'torch', 'numpy', 'omegaconf', 'matplotlib', 'deepspeed'}"
-    code = f"import sys; import scalegpt.launch.ladder; print(sorted({heavy} & set(sys.modules)))"
+    code = (
+        "import sys; import scalegpt.launch.ladder.options, scalegpt.launch.cli; "
+        f"print(sorted({heavy} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

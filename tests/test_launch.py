@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.launch.launcher import _is_rank, parse_hostfile
+from scalegpt.launch.launcher import _is_rank, forward_stop_signals, parse_hostfile
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.config.schema import to_yaml
@@ -361,6 +361,18 @@ def test_signals_go_to_ranks_not_to_remote_launchers() -> None:
         ["pdsh", "-w", "a,b", "python", "-u", "-m", "deepspeed.launcher.launch", "--module", "scalegpt"]
     )
     assert not _is_rank(["mpirun", "-n", "2", "python", "-u", "-m", "scalegpt", "train", "c.yaml"])
+
+
+def test_stop_signals_are_forwarded_while_waiting_then_handled_as_before() -> None:
+    """The launcher and the ladder wait on trainers through forward_stop_signals: a SIGTERM or SIGUSR1 to
+    the waiting process reaches the trainers instead of ending it, and only while it waits."""
+    heard: list[int] = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with forward_stop_signals(heard.append):
+        for sig in before:
+            os.kill(os.getpid(), sig)  # Python runs the handler as soon as kill returns, in this thread
+    assert heard == [signal.SIGTERM, signal.SIGUSR1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # -- end to end ------------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.launch.plan import Plan, make_plan, peak_memory
-from scalegpt.model.flops import GiB, count_params, flops_per_token
+from scalegpt.launch.memory import GiB
+from scalegpt.launch.plan import ResourcePlan, peak_memory, plan_resources
+from scalegpt.model.flops import count_params, flops_per_token
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
+from scalegpt.train.schedule import Schedule
 
 from e2e import free_port
 
@@ -33,7 +35,7 @@ ONE_PROCESS = ["train.micro_batch=4", "train.global_batch=4", SMALL_BUCKETS]
 @pytest.mark.parametrize("gpus", [1, 8])
 def test_gpt3_small_plan_equals_the_formulas(gpus: int) -> None:
     cfg = load_config(SMALL)
-    plan = make_plan(cfg, gpus, 80, 400)
+    plan = plan_resources(cfg, gpus, 80, 400)
     psi = count_params(cfg.model)
     assert plan.params == psi == 125_198_592
     ds = plan.deepspeed_zero2
@@ -56,7 +58,12 @@ def test_gpt3_small_plan_equals_the_formulas(gpus: int) -> None:
     assert plan.global_batch == 256 and plan.grad_accum == 256 // (8 * gpus)
     tokens = 256 * 2048
     assert plan.step_seconds == pytest.approx(tokens * flops_per_token(cfg.model) / (gpus * 400e12))
-    assert plan.train_days == pytest.approx(572_205 * plan.step_seconds / 86400)
+    # the batch ramp's early steps are smaller: the tokens, summed step by step, set the time
+    schedule, done = Schedule.from_config(cfg, world_size=gpus), 0
+    for _ in range(572_205):
+        done += schedule.batch_size(done) * 2048
+    assert plan.tokens == done < 572_205 * tokens and plan.samples == done // 2048
+    assert plan.train_days == pytest.approx(done * flops_per_token(cfg.model) / (gpus * 400e12) / 86400)
     for choice in (plan.recommended, plan.recommended_checkpointing):
         assert choice is not None
         assert choice.micro_batch * choice.grad_accum * gpus == 256
@@ -69,15 +76,15 @@ def test_gpt3_small_plan_equals_the_formulas(gpus: int) -> None:
 
 
 def test_plan_reports_what_does_not_fit_and_unreachable_batches() -> None:
-    huge = make_plan(load_config(ROOT / "configs" / "gpt3-175b.yaml"), 8, 80, 400)
+    huge = plan_resources(load_config(ROOT / "configs" / "gpt3-175b.yaml"), 8, 80, 400)
     assert huge.peak.total > huge.usable_memory
     assert huge.recommended is None and huge.recommended_checkpointing is None
-    odd = make_plan(load_config(SMALL), 3, 80, 400)
+    odd = plan_resources(load_config(SMALL), 3, 80, 400)
     assert odd.batch_error and "divides 256" in odd.batch_error
-    free = make_plan(load_config(SMALL, ["train.global_batch=0"]), 2, 80, 400)
+    free = plan_resources(load_config(SMALL, ["train.global_batch=0"]), 2, 80, 400)
     assert free.global_batch == 16 and free.recommended is not None
     assert free.recommended.grad_accum == 1 and free.recommended.micro_batch & (free.recommended.micro_batch - 1) == 0
-    offload = make_plan(load_config(SMALL, ["train.cpu_offload=true"]), 1, 80, 400)
+    offload = plan_resources(load_config(SMALL, ["train.cpu_offload=true"]), 1, 80, 400)
     psi = offload.params
     assert offload.model_states.total == 2 * psi and offload.model_states.offloaded == 18 * psi
 
@@ -86,7 +93,7 @@ def test_bad_arguments_are_user_errors() -> None:
     cfg = load_config(SMALL)
     for gpus, memory, tflops in [(0, 80, 400), (-2, 80, 400), (1, 0, 400), (1, float("nan"), 400), (1, 80, 0)]:
         with pytest.raises(UserError):
-            make_plan(cfg, gpus, memory, tflops)
+            plan_resources(cfg, gpus, memory, tflops)
 
 
 def test_cli_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,9 +263,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     return {name: _results(*run) for name, run in runs.items()}
 
 
-def _predicted(precision: str, gpus: int) -> Plan:
+def _predicted(precision: str, gpus: int) -> ResourcePlan:
     overrides = ONE_PROCESS if gpus == 1 else [SMALL_BUCKETS]
-    return make_plan(load_config(SMOKE, [f"train.precision={precision}", *overrides]), gpus, 80, 400)
+    return plan_resources(load_config(SMOKE, [f"train.precision={precision}", *overrides]), gpus, 80, 400)
 
 
 def _close(measured: float, predicted: float, tolerance: float) -> bool:
@@ -330,7 +337,7 @@ def test_real_smoke_run_peak_memory(request: pytest.FixtureRequest, tmp_path: Pa
     cmd = [deepspeed_cli, "--num_gpus", "2", "--master_port", str(free_port()), str(probe), str(tmp_path / "out")]
     log = tmp_path / "train.log"
     results = _results(_start([*cmd, "train", str(SMOKE), *overrides], log, env), log, tmp_path / "out", 2)
-    plan = make_plan(load_config(SMOKE, overrides), 2, 80, 400)
+    plan = plan_resources(load_config(SMOKE, overrides), 2, 80, 400)
     for m in results:
         assert _close(m["peak"], plan.peak.total, 0.25), (m["peak"] / GiB, plan.peak.total / GiB)
 
@@ -349,3 +356,16 @@ def test_qkv_bias_false_on_the_command_line_drops_only_the_qkv_biases(capsys: py
         assert built.transformer.h[0].attn.c_proj.bias is not None
     cfg = load_config("smoke")
     assert counts[0] - counts[1] == 3 * cfg.model.d_model * cfg.model.n_layer
+
+
+def test_a_ramp_that_cannot_split_over_the_gpus_is_refused_after_the_report(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """gpt3-small ramps in whole 64s (micro batch 8): fine on 8 GPUs, impossible on 16, where a ramp batch
+    must be a multiple of 128. The report still prints; the training time is not made up; the exit is 2."""
+    assert main(["plan", str(SMALL), "--gpus", "16"]) == 2
+    out, err = capsys.readouterr()
+    assert "training time: not counted, since the batches cannot be made on 16 GPU(s)" in out
+    assert err.count("\n") == 1 and "schedule.ramp_quantum=64" in err and "multiple of 128" in err, err
+    assert main(["plan", str(SMALL), "--gpus", "16", "schedule.ramp_quantum=128"]) == 0
+    assert "training time: 572,205 steps" in capsys.readouterr().out

@@ -3,18 +3,20 @@ exactly their own micro batches while the accumulation changes, through a resume
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from scalegpt.launch.cli import main
 from scalegpt.train.checkpoint import checkpoint_dir
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
-from scalegpt.train.schedule import Schedule
+from scalegpt.train.schedule import Schedule, Totals, run_totals
 
 from conftest import once_per_session
-from e2e import SMOKE, fork_run, losses, metrics, train
+from e2e import SMALL_DATA, SMOKE, fork_run, losses, metrics, train
 
 # Micro batch 2 and a quantum of 4 (2 x 2 processes): the ramp trains 4, 4, 4, 8, 12, 16 sequences, so the
 # accumulation changes three times in six steps (2, 2, 2, 4, 6, 8 micro steps on one process).
@@ -108,3 +110,64 @@ def test_resume_mid_ramp_on_another_process_count(ramp_runs, prepared: Path, tmp
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-4 * want[step], (step, got[step], want[step])
     assert [m["tokens"] for m in metrics(resumed)] == [sum(BATCHES[: i + 1]) * 128 for i in range(3, 6)]
+
+
+# -- the run's totals through the ramp: prepare, inspect, plan and the ladder read one count ---------------------
+# The issue's case: 400 steps whose ramp reaches the full batch of 64 at 1M tokens (step 260).
+RUN = [
+    "train.global_batch=64",
+    "schedule.ramp_tokens=1000000",
+    "schedule.ramp_start_tokens=2048",
+    "train.max_steps=400",
+]
+
+
+def _summed(cfg_overrides: list[str], world_size: int) -> tuple[int, int]:
+    """(samples, tokens) of the whole run by summing the schedule's batch size step by step."""
+    cfg = load_config(SMOKE, cfg_overrides)
+    batches = _batches(Schedule.from_config(cfg, world_size=world_size), cfg.train.max_steps)
+    return sum(batches), sum(batches) * cfg.model.n_ctx
+
+
+def _figures(text: str, pattern: str) -> list[int]:
+    """The numbers in the first match of `pattern`'s groups, commas removed."""
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return [int(x.replace(",", "")) for x in match.groups()]
+
+
+def test_prepare_inspect_and_plan_count_the_same_ramped_run(prepared: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = [f"data.dir={prepared}", *SMALL_DATA, *RUN]
+    samples, tokens = _summed(run, world_size=1)
+    assert samples < 400 * 64  # the ramp's early steps are smaller than the full batch
+    planned = r"planned run: ([\d,]+) samples x 128 tokens = ([\d,]+) tokens"
+    tables = {}
+    for command in (["prepare", SMOKE, *run], ["inspect", SMOKE, *run, "--steps", "1:401"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        assert _figures(out, planned) == [samples, tokens], command[0]
+        tables[command[0]] = out[out.rindex("mixture of") :]
+    assert tables["prepare"] == tables["inspect"]  # the epochs columns too
+    assert main(["plan", SMOKE, *run]) == 0
+    out = capsys.readouterr().out
+    assert _figures(out, r"400 steps, ([\d,]+) samples, ([\d,]+) tokens") == [samples, tokens]
+
+
+def test_inspect_counts_every_step_of_the_ramped_run(prepared: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = [f"data.dir={prepared}", *SMALL_DATA, *RUN]
+    samples, tokens = _summed(run, world_size=1)
+    assert main(["inspect", SMOKE, *run, "--steps", "1:401"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert _figures(first, r"train on ([\d,]+) samples \(([\d,]+) tokens\)") == [samples, tokens]
+    assert first.endswith(f"samples 0..{samples - 1:,}")
+
+
+def test_totals_match_the_step_by_step_sum_at_any_length() -> None:
+    cfg = load_config(SMOKE, RUN)
+    schedule = Schedule.from_config(cfg, world_size=1)
+    for steps in (0, 1, 259, 260, 261, 400, 1000):
+        batches = _batches(schedule, steps)
+        assert schedule.totals(steps) == Totals(steps, sum(batches), sum(batches) * 128), steps
+        done = schedule.steps_to_reach(sum(batches) * 128 or 1)
+        assert done.steps == max(1, steps)
+    assert run_totals(cfg, world_size=1) == schedule.totals(400)

@@ -13,6 +13,20 @@ from .errors import UserError
 
 
 @dataclass(frozen=True)
+class Totals:
+    """What a number of optimizer steps trains on, through the batch ramp: the one count that prepare's
+    epochs, inspect's and plan's tables and the ladder's budgets all read (run_totals)."""
+
+    steps: int
+    samples: int
+    tokens: int
+
+    def plus(self, steps: int, batch: int, n_ctx: int) -> Totals:
+        """These totals after `steps` more steps of `batch` sequences each."""
+        return Totals(self.steps + steps, self.samples + steps * batch, self.tokens + steps * batch * n_ctx)
+
+
+@dataclass(frozen=True)
 class Schedule:
     peak_lr: float
     warmup_tokens: int
@@ -60,6 +74,23 @@ class Schedule:
         progress = (tokens - self.warmup_tokens) / max(1, self.decay_tokens - self.warmup_tokens)
         return floor + (self.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def totals(self, steps: int) -> Totals:
+        """Samples and tokens the first `steps` optimizer steps train on. The ramp's steps are walked one by
+        one, as the trainer takes them (batch_size at the tokens so far); after the ramp every step is a full
+        batch, so the rest is a multiplication and a billion steps cost no more than the ramp."""
+        done = Totals(0, 0, 0)
+        while done.steps < steps and self.ramp_tokens and done.tokens < self.ramp_tokens:
+            done = done.plus(1, self.batch_size(done.tokens), self.n_ctx)
+        return done.plus(steps - done.steps, self.full_batch, self.n_ctx)
+
+    def steps_to_reach(self, tokens: float) -> Totals:
+        """The fewest steps (at least one) whose totals reach `tokens`: a token budget in whole steps."""
+        done = Totals(0, 0, 0)
+        while (self.ramp_tokens and done.tokens < min(tokens, self.ramp_tokens)) or done.steps == 0:
+            done = done.plus(1, self.batch_size(done.tokens), self.n_ctx)
+        per_step = self.full_batch * self.n_ctx
+        return done.plus(max(0, math.ceil((tokens - done.tokens) / per_step)), self.full_batch, self.n_ctx)
+
     def batch_size(self, tokens: int) -> int:
         """Sequences in the next optimizer step, given `tokens` already trained on: a linear ramp from
         ramp_start_tokens to the full batch over ramp_tokens, rounded down to whole quanta (the micro batch
@@ -70,6 +101,11 @@ class Schedule:
         seqs = start + (self.full_batch - start) * tokens / self.ramp_tokens
         steps = max(1, int(seqs // self.batch_quantum))
         return min(self.full_batch, steps * self.batch_quantum)
+
+
+def run_totals(cfg: Config, world_size: int) -> Totals:
+    """The whole run as configured: train.max_steps steps at this world size, through the batch ramp."""
+    return Schedule.from_config(cfg, world_size=world_size).totals(cfg.train.max_steps)
 
 
 def ramp_quantum(cfg: Config, world_size: int) -> int:

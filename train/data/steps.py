@@ -34,19 +34,29 @@ class StepSpan:
 
 
 def step_spans(
-    schedule: Schedule, first: int, stop: int, advance: Callable[[int], int] | None = None
+    schedule: Schedule,
+    first: int,
+    stop: int,
+    advance: Callable[[int], int] | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    every: int = 0,
 ) -> list[StepSpan]:
     """The global batches of steps first..stop-1, as the trainer walks them: each step's batch size comes
     from the schedule at the tokens trained so far, and its samples follow the previous step's, moved
-    past any skipped range by `advance` (the run's SkipLog.advance)."""
+    past any skipped range by `advance` (the run's SkipLog.advance). Without `advance` the walk starts at
+    `first` from the schedule's totals; with it, at step 1, and `progress(step, stop)` hears of it every
+    `every` steps, since a long walk takes a while."""
     if not 1 <= first <= stop:
         raise UserError(f"steps are numbered from 1, as in metrics.jsonl; got {first}:{stop}")
     begin, samples, tokens = 1, 0, 0
-    if not schedule.ramp_tokens and advance is None:  # a fixed batch: jump straight to the first step asked for
-        begin, samples = first, (first - 1) * schedule.full_batch
-        tokens = samples * schedule.n_ctx
+    if advance is None:  # nothing skipped: jump straight to the first step asked for
+        before = schedule.totals(first - 1)
+        begin, samples, tokens = first, before.samples, before.tokens
     out = []
     for step in range(begin, stop):
+        if progress is not None and every and step % every == 0:
+            progress(step, stop)
         samples = advance(samples) if advance is not None else samples
         batch = schedule.batch_size(tokens)
         if step >= first:

@@ -37,7 +37,7 @@ from ..mixture import MANIFEST, Mixture, describe
 from ..tokenizer import save_tokenizer, token_byte_lengths
 from .accounting import SourceTokens, summarize
 from .lock import Scratch
-from .plan import TOKENIZER_FILE, Echo, Plan, Tok, Work, make_plan, planned_samples
+from .plan import TOKENIZER_FILE, Echo, PreparePlan, Tok, Work, plan_prepare, planned_samples
 from .read import (
     PIECE_CHARS,
     ROW_CHARS,
@@ -75,7 +75,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
     """Tokenize every source of cfg.data that is not already up to date in cfg.data.dir, print the mixture
     table for the planned run, and return the manifest. Bad input raises UserError and leaves data.dir
     as it was."""
-    plan, tok = make_plan(cfg)
+    plan, tok = plan_prepare(cfg)
     old = plan.old
     if old is not None and tok is not None and old["tokenizer_hash"] != tok.hash:
         echo(f"the tokenizer changed ({old['tokenizer_hash'][:12]} -> {tok.hash[:12]}): re-preparing every source")
@@ -99,7 +99,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
     return manifest
 
 
-def _run(plan: Plan, stale: list[int], tok: Tok | None, echo: Echo) -> dict[str, Any]:
+def _run(plan: PreparePlan, stale: list[int], tok: Tok | None, echo: Echo) -> dict[str, Any]:
     """The three phases for the stale sources (every source when the BPE must be trained)."""
     quiet_datasets()
     indices = range(len(plan.sources)) if tok is None else stale
@@ -122,7 +122,7 @@ def _run(plan: Plan, stale: list[int], tok: Tok | None, echo: Echo) -> dict[str,
         return write_all(plan, work, files, tok, echo)
 
 
-def _train(plan: Plan, work: list[Work], stored: Path, echo: Echo) -> tuple[Tok, list[Work]]:
+def _train(plan: PreparePlan, work: list[Work], stored: Path, echo: Echo) -> tuple[Tok, list[Work]]:
     """The BPE trained on the stored rows, and the sources it leaves stale (all, unless it came out as before)."""
     import datasets
 
@@ -133,7 +133,9 @@ def _train(plan: Plan, work: list[Work], stored: Path, echo: Echo) -> tuple[Tok,
     return tok, [w for w in work if w.index in todo]
 
 
-def _tokenize(plan: Plan, work: list[Work], tok: Tok, scratch: Scratch, stored: Path | None, echo: Echo) -> list[Path]:
+def _tokenize(
+    plan: PreparePlan, work: list[Work], tok: Tok, scratch: Scratch, stored: Path | None, echo: Echo
+) -> list[Path]:
     """Phase 2: each worked source's token file finished in the scratch folder, with its manifest entry
     counted; every check passes before phase 3 changes data.dir. Sources read from `stored` when given."""
     if not work:  # the BPE came out as before and every source is up to date

@@ -12,8 +12,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ...config.schema import Config
-from ...config.validation import global_batch
 from ...errors import UserError
+from ...schedule import run_totals
 from .. import sources as src_mod
 from ..mixture import FORMAT, check_tokenizer_file, read_manifest
 from ..tokenizer import (
@@ -65,13 +65,14 @@ def file_name(name: str) -> str:
 
 
 def planned_samples(cfg: Config) -> int:
-    """Samples of the planned run at one process: max_steps x global batch. `prepare` cannot know the world size;
-    with train.global_batch=0 a launch of N processes draws N times as many, which the trainer's epochs table shows."""
-    return cfg.train.max_steps * global_batch(cfg, world_size=1)
+    """Samples of the planned run at one process, through the batch ramp (run_totals). `prepare` cannot know the
+    world size; with train.global_batch=0 a launch of N processes draws N times as many, which the trainer's
+    epochs table shows."""
+    return run_totals(cfg, world_size=1).samples
 
 
 @dataclass
-class Plan:
+class PreparePlan:
     """What a prepare run found before doing any work."""
 
     cfg: Config
@@ -142,7 +143,7 @@ class Plan:
                 echo(f"  removed source {e['name']!r} (no longer in data.sources) and its token file")
 
 
-def make_plan(cfg: Config) -> tuple[Plan, Tok | None]:
+def plan_prepare(cfg: Config) -> tuple[PreparePlan, Tok | None]:
     """Check the config's data section and find its sources; the tokenizer too, unless a BPE must be
     trained after reading (then None). Raises UserError before anything is written."""
     d = cfg.data
@@ -157,7 +158,7 @@ def make_plan(cfg: Config) -> tuple[Plan, Tok | None]:
         check_tokenizer_file(data_dir, old)
     sources = [src_mod.resolve(s) for s in d.sources]
     recipe, tok = _tokenizer(cfg, data_dir, old)
-    return Plan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
+    return PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
 
 
 def _tokenizer(cfg: Config, data_dir: Path, old: dict[str, Any] | None) -> tuple[dict[str, Any], Tok | None]:

@@ -12,10 +12,10 @@ from ...osutil import write_json_atomic
 from ..checksum import fill_missing
 from ..mixture import MANIFEST
 from ..tokenizer import save_tokenizer
-from .plan import TOKENIZER_FILE, Echo, Plan, Tok, Work
+from .plan import TOKENIZER_FILE, Echo, PreparePlan, Tok, Work
 
 
-def write_all(plan: Plan, work: list[Work], files: list[Path], tok: Tok, echo: Echo) -> dict[str, Any]:
+def write_all(plan: PreparePlan, work: list[Work], files: list[Path], tok: Tok, echo: Echo) -> dict[str, Any]:
     """Write the tokenizer, move every worked source's finished token file into place, and write the
     manifest; return the manifest."""
     data_dir = plan.data_dir

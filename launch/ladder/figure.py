@@ -6,7 +6,6 @@ against parameters with L(N). matplotlib's object API on the Agg canvas, as laun
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import colormaps
@@ -14,9 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-if TYPE_CHECKING:
-    from .ladder import GroupFit, Outcome
-    from .ladder_fit import PowerLaw
+from .results import GroupFit, Outcome, PowerLaw
 
 
 def _colors(outcomes: list[Outcome], fits: list[GroupFit]) -> tuple[dict[str, tuple], dict[str | None, tuple]]:

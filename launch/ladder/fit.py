@@ -13,49 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 
+from .results import GroupFit, Outcome, PowerLaw
+
 OFFSET_MIN_POINTS = 4
 """The offset form has three parameters: with four points one degree of freedom is left for its error."""
-
-
-@dataclass(frozen=True)
-class PowerLaw:
-    """A fitted L(x) = a * x^(-b) + c (c = 0 for the plain form), with the exponent's standard error."""
-
-    form: Literal["power", "power+offset"]
-    a: float
-    b: float
-    c: float
-    b_err: float | None
-    """One standard error of b; None when no degree of freedom is left (as many points as parameters)."""
-    r2: float
-    """Coefficient of determination of log L."""
-    points: int
-
-    def __call__(self, x: np.ndarray | float) -> np.ndarray:
-        return self.a * np.power(np.asarray(x, dtype=float), -self.b) + self.c
-
-    def formula(self, var: str = "C") -> str:
-        err = f" ± {self.b_err:.3f}" if self.b_err is not None else ""
-        offset = ""
-        if self.form == "power+offset":
-            offset = f" + {self.c:.3g}" if self.c > 0 else " + 0 (the floor c went to its bound)"
-        return f"L = {self.a:.3g}·{var}^-({self.b:.4f}{err}){offset}, R² = {self.r2:.3f}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "form": self.form,
-            "a": self.a,
-            "b": self.b,
-            "c": self.c,
-            "b_err": self.b_err,
-            "r2": self.r2,
-            "points": self.points,
-        }
 
 
 def _check(x: Sequence[float], y: Sequence[float], need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,3 +117,32 @@ def fit_both(x: Sequence[float], y: Sequence[float]) -> list[PowerLaw]:
     if len(x) >= OFFSET_MIN_POINTS:
         fits.append(fit_power_law_offset(x, y))
     return fits
+
+
+def fit_group(axis_value: str | None, outcomes: list[Outcome]) -> GroupFit:
+    """Fit the finished rungs of one frontier: final validation loss (and bits per byte) against the
+    rung's training FLOPs C, and against its parameters N."""
+    done = sorted((o for o in outcomes if o.finished), key=lambda o: o.info.params)
+    losses = [o.val_loss for o in done if o.val_loss is not None]
+    falls = all(a > b for a, b in zip(losses, losses[1:], strict=False))
+    if len(done) < 2:
+        note = f"{len(done)} finished rung(s): a fit needs at least 2"
+        return GroupFit(axis_value, len(done), [], [], [], falls, note)
+    flops = [o.info.flops for o in done]
+    bpbs = [o.val_bpb for o in done]
+    by_bpb = fit_both(flops, bpbs) if all(b is not None for b in bpbs) else []  # type: ignore[arg-type]
+    return GroupFit(
+        axis_value=axis_value,
+        points=len(done),
+        loss_vs_compute=fit_both(flops, losses),
+        loss_vs_params=fit_both([o.info.params for o in done], losses),
+        bpb_vs_compute=by_bpb,
+        loss_falls_with_size=falls,
+    )
+
+
+def fit_all(outcomes: list[Outcome]) -> list[GroupFit]:
+    groups: dict[str | None, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(o.info.axis_value, []).append(o)
+    return [fit_group(value, group) for value, group in groups.items()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,14 @@ from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
 from ..train.errors import UserError, check_writable_file
 from ..train.osutil import write_json_atomic
 from ..train.recovery import SkipLog
-from ..train.schedule import Schedule
+from ..train.schedule import Schedule, run_totals
 
 EXACT_LIMIT = 1 << 21
 """Up to this many samples every index is resolved, as the trainer resolves them; past it the counts come
 from the sampler's closed form (Mixture.stage_counts, which the tests hold equal to resolving)."""
+
+RESOLVE_CHUNK = 1 << 18
+"""Indices resolved at once when counting exactly: a few MB of arrays at a time."""
 
 
 @dataclass(frozen=True)
@@ -104,25 +108,27 @@ def _runs(spans: list[StepSpan]) -> list[tuple[int, int]]:
     return out
 
 
-def count_sources(mixture: Mixture, spans: list[StepSpan], *, micro_batch: int, world_size: int) -> np.ndarray:
-    """Samples per source over the spans (in mixture.names order)."""
-    total = sum(s.size for s in spans)
+def count_runs(mixture: Mixture, runs: list[tuple[int, int]]) -> np.ndarray:
+    """Samples per source over [start, stop) sample ranges (in mixture.names order). Up to EXACT_LIMIT
+    samples every index is resolved, as the trainer resolves them (a step's ranks together read exactly
+    its range, rank_indices only orders it); past that, the sampler's closed form."""
     counts = np.zeros(len(mixture.names), dtype=np.int64)
-    if total <= EXACT_LIMIT:
-        for span in spans:
-            drawn = mixture.source_counts(step_indices(span, micro_batch=micro_batch, world_size=world_size))
+    exact = sum(b - a for a, b in runs) <= EXACT_LIMIT
+    for a, b in runs:
+        if not exact:
+            counts += mixture.stage_counts(b).sum(axis=0) - mixture.stage_counts(a).sum(axis=0)
+            continue
+        for lo in range(a, b, RESOLVE_CHUNK):
+            drawn = mixture.source_counts(np.arange(lo, min(b, lo + RESOLVE_CHUNK)))
             counts += np.array([drawn[n] for n in mixture.names])
-        return counts
-    for a, b in _runs(spans):
-        counts += mixture.stage_counts(b).sum(axis=0) - mixture.stage_counts(a).sum(axis=0)
     return counts
 
 
-def expected_shares(mixture: Mixture, spans: list[StepSpan]) -> np.ndarray:
-    """The configured share of each source over the spans: each stage's weights, by its samples in them."""
+def expected_shares(mixture: Mixture, runs: list[tuple[int, int]]) -> np.ndarray:
+    """The configured share of each source over the sample ranges: each stage's weights, by its samples in them."""
     ends = np.append(mixture.stage_starts[1:], np.iinfo(np.int64).max)
     mass = np.zeros(len(mixture.names))
-    for a, b in _runs(spans):
+    for a, b in runs:
         for s, w in enumerate(mixture.stage_weights):
             overlap = max(0, min(b, int(ends[s])) - max(a, int(mixture.stage_starts[s])))
             mass += overlap * w
@@ -154,19 +160,62 @@ def _shown(
     return out
 
 
+PROGRESS_STEPS = 5_000_000
+"""A walk through a run's skipped ranges (step by step, as the trainer took them) says how far it is after
+this many steps: about 10 s on this project's CPUs."""
+
+
+def _check_range(cfg: Config, first: int, stop: int) -> None:
+    """A run stops at train.max_steps, so a step past it trains on nothing; say so rather than walk there."""
+    last = cfg.train.max_steps
+    if stop - 1 > last:
+        raise UserError(
+            f"--steps {first}:{stop} goes past the run's last step, train.max_steps={last:,}; ask about steps up "
+            f"to it (--steps {min(first, last)}:{last + 1}), or set train.max_steps to ask about a longer run"
+        )
+
+
+def _progress(step: int, stop: int) -> None:
+    print(f"scalegpt: inspect: walked to step {step:,} of {stop - 1:,}", file=sys.stderr, flush=True)
+
+
+def _sample_runs(schedule: Schedule, first: int, stop: int, skips: SkipLog | None) -> list[tuple[int, int]]:
+    """The samples of steps first..stop-1 as contiguous [start, stop) ranges. Without skipped samples that is
+    one range, from the schedule's totals (seconds for a billion steps); with them, the trainer's walk."""
+    if skips is None:
+        return [(schedule.totals(first - 1).samples, schedule.totals(stop - 1).samples)]
+    return _runs(step_spans(schedule, first, stop, skips.advance, progress=_progress, every=PROGRESS_STEPS))
+
+
+def _spans(schedule: Schedule, target: Target, first: int, stop: int) -> list[StepSpan]:
+    skips = target.skips
+    return step_spans(schedule, first, stop, skips.advance if skips is not None else None)
+
+
+def _picked_spans(schedule: Schedule, target: Target, first: int, stop: int, n: int, samples: int) -> list[StepSpan]:
+    """The steps `--show` decodes from: every step of a range of up to EXACT_LIMIT samples (or one with
+    skipped samples, which only a walk finds), else n steps spread over it (the first included), each
+    found through the schedule's totals."""
+    if samples <= EXACT_LIMIT or target.skips is not None:
+        return _spans(schedule, target, first, stop)
+    picks = sorted({int(k) for k in np.linspace(first, stop - 1, num=n)})
+    return [_spans(schedule, target, k, k + 1)[0] for k in picks]
+
+
 def inspect_steps(target: Target, first: int, stop: int, *, world_size: int, show: int) -> dict[str, Any]:
     """The report: per-source counts and shares over steps first..stop-1, and `show` decoded samples."""
     cfg = target.cfg
+    _check_range(cfg, first, stop)
     tok_file = (target.run_dir or Path(cfg.data.dir)) / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     expect = tokenizer_hash(tokenizer) if tokenizer is not None and target.run_dir is not None else None
     mixture = Mixture.for_config(cfg, tokenizer_hash=expect)
     schedule = Schedule.from_config(cfg, world_size=world_size)
-    spans = step_spans(schedule, first, stop, target.skips.advance if target.skips is not None else None)
+    runs = _sample_runs(schedule, first, stop, target.skips)
     micro = cfg.train.micro_batch
-    counts = count_sources(mixture, spans, micro_batch=micro, world_size=world_size)
+    counts = count_runs(mixture, runs)
     total = int(counts.sum())
-    expected = expected_shares(mixture, spans)
+    expected = expected_shares(mixture, runs)
     sources = {
         name: {"count": int(counts[i]), "share": counts[i] / max(total, 1), "configured": float(expected[i])}
         for i, name in enumerate(mixture.names)
@@ -177,21 +226,17 @@ def inspect_steps(target: Target, first: int, stop: int, *, world_size: int, sho
         "world_size": world_size,
         "samples": total,
         "tokens": total * cfg.model.n_ctx,
-        "sample_ranges": [list(r) for r in _runs(spans)],
-        "skipped": [list(r) for r in target.skipped if r[0] < spans[-1].start + spans[-1].size],
+        "sample_ranges": [list(r) for r in runs],
+        "skipped": [list(r) for r in target.skipped if r[0] < runs[-1][1]],
         "sources": sources,
     }
     if show:
         if tokenizer is None:
             raise UserError(f"--show needs {tok_file} to decode the samples; run `scalegpt prepare` first")
-        report["shown"] = _shown(mixture, spans, show, tokenizer, micro_batch=micro, world_size=world_size)
-    report["mixture"] = describe(mixture, _planned_samples(schedule, cfg))
+        picked = _picked_spans(schedule, target, first, stop, show, total)
+        report["shown"] = _shown(mixture, picked, show, tokenizer, micro_batch=micro, world_size=world_size)
+    report["mixture"] = describe(mixture, run_totals(cfg, world_size).samples)
     return report
-
-
-def _planned_samples(schedule: Schedule, cfg: Config) -> int:
-    last = step_spans(schedule, cfg.train.max_steps, cfg.train.max_steps + 1)[-1]
-    return last.start + last.size
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -1,0 +1,391 @@
+"""The ladder's plan: the size rule (GPT-3 Table 2.1's shapes scaled down), each rung's token budget,
+learning rate and config, all loaded and checked before the first rung trains, so a bad size or axis
+value costs nothing."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ...model.config import ModelConfig
+from ...model.flops import count_params, flops_per_token
+from ...train.config.loading import load_config
+from ...train.config.schema import Config
+from ...train.errors import UserError
+from ...train.schedule import Schedule, run_totals
+from .options import DEFAULT_RUNGS
+
+# Table 2.1's ranges, for saying where a rung departs from the paper's shapes.
+PAPER_ASPECT = (43.0, 128.0)  # d_model / n_layer: Medium's 1024/24 to 6.7B's 4096/32
+PAPER_D_HEAD = (64, 128)
+PAPER_N_CTX = 2048
+PAPER_VOCAB = 50257
+
+RUNG_KEYS = (
+    "run.dir",
+    "model.n_layer",
+    "model.d_model",
+    "model.n_head",
+    "optim.lr",
+    "train.max_steps",
+    "schedule.warmup_tokens",
+    "schedule.decay_tokens",
+    "schedule.ramp_tokens",
+    "eval.every",
+    "checkpoint.every",
+)
+
+
+# -- the size rule --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SizeRule:
+    """Table 2.1's shapes scaled down: n_layer = max(1, round(d_model / aspect)), heads of d_head."""
+
+    aspect: float
+    d_head: int
+
+    def shape(self, size: str) -> Shape:
+        """A rung's shape from `D` (d_model; the rule picks n_layer) or `LxD` (both given)."""
+        text = size.strip().lower()
+        layers_text, _, d_text = text.rpartition("x")
+        try:
+            d_model = int(d_text)
+            n_layer = int(layers_text) if layers_text else max(1, round(d_model / self.aspect))
+        except ValueError:
+            raise UserError(f"--sizes {size!r}: give d_model (e.g. 128) or layers x d_model (e.g. 2x128)") from None
+        if d_model <= 0 or n_layer <= 0:
+            raise UserError(f"--sizes {size!r}: d_model and n_layer must be positive")
+        if d_model % self.d_head:
+            fits = [m * self.d_head for m in (d_model // self.d_head, d_model // self.d_head + 1) if m > 0]
+            raise UserError(
+                f"size {size} does not fit n_head: d_model={d_model} is not a multiple of the head width "
+                f"d_head={self.d_head}, so no whole number of heads fills it; use "
+                f"{' or '.join(map(str, fits))}, or another --d-head"
+            )
+        return Shape(n_layer=n_layer, d_model=d_model, n_head=d_model // self.d_head)
+
+    def describe(self) -> str:
+        return (
+            f"n_layer = max(1, round(d_model / {self.aspect:g})), n_head = d_model / {self.d_head} "
+            f"(d_head {self.d_head}), d_ff = 4 d_model"
+        )
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    d_model: int
+    n_head: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.n_layer}-d{self.d_model}"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    def departures(self) -> list[str]:
+        """Where this shape leaves Table 2.1's ranges."""
+        out = []
+        aspect = self.d_model / self.n_layer
+        if not PAPER_ASPECT[0] <= aspect <= PAPER_ASPECT[1]:
+            out.append(f"d_model/n_layer {aspect:g} (paper {PAPER_ASPECT[0]:g}-{PAPER_ASPECT[1]:g})")
+        if not PAPER_D_HEAD[0] <= self.d_head <= PAPER_D_HEAD[1]:
+            out.append(f"d_head {self.d_head} (paper {PAPER_D_HEAD[0]}-{PAPER_D_HEAD[1]})")
+        return out
+
+
+def default_sizes(model: ModelConfig, rule: SizeRule) -> list[str]:
+    """DEFAULT_RUNGS widths from the config's d_model down by factors of sqrt(2), each rounded to a
+    multiple of d_head (at least one head); repeats dropped. Smallest first."""
+    widths = {max(1, round(model.d_model / 2 ** (k / 2) / rule.d_head)) * rule.d_head for k in range(DEFAULT_RUNGS)}
+    return [str(d) for d in sorted(widths)]
+
+
+# -- the plan --------------------------------------------------------------------------------------------
+Budget = Literal["tokens_per_param", "tokens", "flops"]
+
+
+@dataclass(frozen=True)
+class RungInfo:
+    """One model size of the ladder (for one --axis value), as ladder.json keeps it."""
+
+    name: str
+    axis_value: str | None
+    dir: str
+    """Relative to the ladder directory."""
+    n_layer: int
+    d_model: int
+    n_head: int
+    params: int
+    """Parameters in model/flops.py's 6N: all but the position embedding (wte, tied, is the output layer)."""
+    params_total: int
+    flops_per_token: float
+    steps: int
+    tokens: int
+    lr: float
+
+    @property
+    def label(self) -> str:
+        return self.name if self.axis_value is None else f"{self.axis_value} {self.name}"
+
+    @property
+    def flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RungInfo:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Rung:
+    info: RungInfo
+    shape: Shape
+    overrides: list[str]
+    """Everything after CONFIG on the rung's `scalegpt train` line: the user's, the axis value's, the rung's."""
+    axis_override: list[str]
+    cfg: Config = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str
+    values: list[str]
+
+    def label(self, value: str) -> str:
+        return f"{self.key}={value}"
+
+
+def parse_axis(spec: str) -> Axis:
+    key, sep, values = spec.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    key = key.strip()
+    if not sep or not key or not items:
+        raise UserError(f"--axis {spec!r}: write KEY=V1,V2,... (for example model.n_ctx=64,128)")
+    if key.startswith(RUNG_KEYS):
+        raise UserError(
+            f"--axis {key}: the ladder sets {key} for every rung itself (size rule, budget and schedule); "
+            "use --sizes for model shapes, or put a fixed value in the config"
+        )
+    if len(set(items)) != len(items):
+        raise UserError(f"--axis {spec!r}: a value is listed twice")
+    return Axis(key, items)
+
+
+@dataclass(frozen=True)
+class LadderPlan:
+    """Everything decided before the first rung trains; every rung's config is loaded and checked."""
+
+    config: str
+    overrides: list[str]
+    ladder_dir: Path
+    rule: SizeRule
+    budget: Budget
+    budget_value: float
+    lr_exponent: float
+    axis: Axis | None
+    rungs: list[Rung]
+    reference: Config = field(compare=False)
+
+    def budget_text(self) -> str:
+        if self.budget == "tokens_per_param":
+            return f"{self.budget_value:.4g} tokens per parameter"
+        return f"{self.budget_value:.4g} {'tokens' if self.budget == 'tokens' else 'FLOPs'} per rung"
+
+
+def _budget(args: argparse.Namespace, cfg: Config, world_size: int) -> tuple[Budget, float]:
+    """Tokens or FLOPs per rung as given, else the config's own tokens per parameter."""
+    for budget, value in (("tokens", args.tokens), ("flops", args.flops), ("tokens_per_param", args.tokens_per_param)):
+        if value is not None:
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{budget.replace('_', '-')} must be a positive number, got {value}")
+            return budget, float(value)  # type: ignore[return-value]
+    return "tokens_per_param", run_totals(cfg, world_size).tokens / count_params(cfg.model, non_embedding=True)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What every rung shares, taken from the reference config (the user's config and overrides)."""
+
+    budget: Budget
+    budget_value: float
+    lr: float
+    d_ref: int
+    lr_exponent: float
+    fractions: tuple[float, float, float]
+    """schedule.warmup_tokens, decay_tokens and ramp_tokens over the config's tokens: the schedule's shape."""
+    evals: int
+    checkpoints: int
+    world_size: int
+
+
+def _recipe(args: argparse.Namespace, ref: Config, world_size: int) -> _Recipe:
+    budget, value = _budget(args, ref, world_size)
+    total = run_totals(ref, world_size).tokens
+    s = ref.schedule
+    for flag in ("evals", "checkpoints"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    return _Recipe(
+        budget=budget,
+        budget_value=value,
+        lr=ref.optim.lr,
+        d_ref=ref.model.d_model,
+        lr_exponent=args.lr_exponent,
+        fractions=(s.warmup_tokens / total, s.decay_tokens / total, s.ramp_tokens / total),
+        evals=args.evals,
+        checkpoints=args.checkpoints,
+        world_size=world_size,
+    )
+
+
+def _rung_overrides(shape: Shape, recipe: _Recipe, steps: int, tokens: int, lr: float, run_dir: Path) -> list[str]:
+    warmup, decay, ramp = (round(f * tokens) for f in recipe.fractions)
+    return [
+        f"run.dir={run_dir}",
+        f"model.n_layer={shape.n_layer}",
+        f"model.d_model={shape.d_model}",
+        f"model.n_head={shape.n_head}",
+        f"optim.lr={lr:.6g}",
+        f"train.max_steps={steps}",
+        f"schedule.warmup_tokens={warmup}",
+        f"schedule.decay_tokens={max(1, decay)}",
+        f"schedule.ramp_tokens={ramp}",
+        f"eval.every={max(1, math.ceil(steps / recipe.evals))}",
+        f"checkpoint.every={max(1, math.ceil(steps / recipe.checkpoints))}",
+    ]
+
+
+def _plan_rung(
+    args: argparse.Namespace, recipe: _Recipe, shape: Shape, axis: tuple[Axis, str] | None, ladder_dir: Path
+) -> Rung:
+    """One rung: its budget in steps, its learning rate, and its config loaded through load_config."""
+    axis_over = [f"{axis[0].key}={axis[1]}"] if axis else []
+    base = load_config(args.config, [*args.overrides, *axis_over])
+    model = replace(base.model, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
+    n, fpt = count_params(model, non_embedding=True), flops_per_token(model)
+    target = {"tokens": recipe.budget_value, "flops": recipe.budget_value / fpt}.get(recipe.budget)
+    schedule = Schedule.from_config(base, world_size=recipe.world_size)
+    budget = schedule.steps_to_reach(recipe.budget_value * n if target is None else target)
+    steps, tokens = budget.steps, budget.tokens
+    lr = recipe.lr * (recipe.d_ref / shape.d_model) ** recipe.lr_exponent
+    rel = Path(axis[0].label(axis[1]).replace("/", "_")) / shape.name if axis else Path(shape.name)
+    overrides = [*args.overrides, *axis_over, *_rung_overrides(shape, recipe, steps, tokens, lr, ladder_dir / rel)]
+    try:
+        cfg = load_config(args.config, overrides)
+    except UserError as exc:
+        raise UserError(f"rung {rel}: {exc}") from None
+    info = RungInfo(
+        name=shape.name,
+        axis_value=axis[0].label(axis[1]) if axis else None,
+        dir=str(rel),
+        n_layer=shape.n_layer,
+        d_model=shape.d_model,
+        n_head=shape.n_head,
+        params=n,
+        params_total=count_params(model),
+        flops_per_token=fpt,
+        steps=steps,
+        tokens=tokens,
+        lr=float(f"{lr:.6g}"),
+    )
+    return Rung(info=info, shape=shape, overrides=overrides, axis_override=axis_over, cfg=cfg)
+
+
+def _check_axis(args: argparse.Namespace, axis: Axis) -> None:
+
+    for value in axis.values:
+        try:
+            load_config(args.config, [*args.overrides, f"{axis.key}={value}"])
+        except UserError as exc:
+            raise UserError(
+                f"--axis {axis.key}={value}: {exc} (an axis is any config key, e.g. model.n_ctx or "
+                "data.sources.0.weight)"
+            ) from None
+
+
+def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
+    """Load and check every rung's config before anything trains, so a bad size or axis value costs
+    nothing."""
+    ref = load_config(args.config, args.overrides)
+    if ref.eval.batches < 1:
+        raise UserError("eval.batches must be at least 1: the ladder fits each rung's final validation loss")
+    rule = SizeRule(
+        aspect=args.aspect if args.aspect is not None else 64.0,
+        d_head=args.d_head if args.d_head is not None else ref.model.d_head,
+    )
+    if rule.aspect <= 0 or rule.d_head <= 0:
+        raise UserError("--aspect and --d-head must be positive")
+    shapes = [rule.shape(s) for s in (args.sizes or default_sizes(ref.model, rule))]
+    if len({s.name for s in shapes}) != len(shapes):
+        raise UserError(f"--sizes gives the same shape twice: {' '.join(s.name for s in shapes)}")
+    shapes.sort(key=lambda s: count_params(replace(ref.model, n_layer=s.n_layer, d_model=s.d_model, n_head=s.n_head)))
+    axis = parse_axis(args.axis) if args.axis else None
+    if axis is not None:
+        _check_axis(args, axis)
+    recipe = _recipe(args, ref, world_size)
+    ladder_dir = Path(ref.run.dir)
+    points = [(axis, v) for v in axis.values] if axis else [None]
+    rungs = [_plan_rung(args, recipe, shape, point, ladder_dir) for point in points for shape in shapes]
+    return LadderPlan(
+        config=args.config,
+        overrides=list(args.overrides),
+        ladder_dir=ladder_dir,
+        rule=rule,
+        budget=recipe.budget,
+        budget_value=recipe.budget_value,
+        lr_exponent=recipe.lr_exponent,
+        axis=axis,
+        rungs=rungs,
+        reference=ref,
+    )
+
+
+def describe_plan(plan: LadderPlan) -> list[str]:
+    """The size rule, each rung's shape and budget, and where the shapes depart from Table 2.1."""
+    ref = plan.reference
+    lines = [
+        f"ladder {plan.ladder_dir}: {len(plan.rungs)} rung(s), {plan.budget_text()}, "
+        f"lr = {ref.optim.lr:g} x ({ref.model.d_model} / d_model)^{plan.lr_exponent:g}",
+        f"size rule (GPT-3 Table 2.1 scaled down): {plan.rule.describe()}",
+        f"{'rung':<28} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_head':>6} {'params':>10} "
+        f"{'tokens':>11} {'steps':>6} {'FLOPs':>9} {'lr':>9}",
+    ]
+    for r in (rung.info for rung in plan.rungs):
+        lines.append(
+            f"{r.label:<28} {r.n_layer:>6} {r.d_model:>7} {r.n_head:>5} {r.d_model // r.n_head:>6} "
+            f"{r.params:>10,} {r.tokens:>11,} {r.steps:>6} {r.flops:>9.3g} {r.lr:>9.3g}"
+        )
+    lines.append("departures from Table 2.1 (d_model/n_layer 43-128, d_head 64-128, n_ctx 2048, vocabulary 50257):")
+    shapes = {rung.shape.name: rung.shape for rung in plan.rungs}  # once each, even with an axis
+    for shape in shapes.values():
+        if shape.departures():
+            lines.append(f"  {shape.name}: {', '.join(shape.departures())}")
+    m = ref.model
+    if m.n_ctx != PAPER_N_CTX or m.vocab_size != PAPER_VOCAB:
+        lines.append(f"  every rung: n_ctx {m.n_ctx}, vocabulary {m.vocab_size} (the config's data and context)")
+    lines.append(
+        "  and far fewer parameters and tokens: the paper's smallest model has 125M parameters and 300B tokens"
+    )
+    return lines
+
+
+def plan_summary(plan: LadderPlan) -> dict[str, Any]:
+    ref = plan.reference
+    return {
+        "config": plan.config,
+        "overrides": plan.overrides,
+        "size_rule": {"aspect": plan.rule.aspect, "d_head": plan.rule.d_head, "text": plan.rule.describe()},
+        "budget": plan.budget,
+        "budget_value": plan.budget_value,
+        "budget_text": plan.budget_text(),
+        "lr": {"reference": ref.optim.lr, "d_model": ref.model.d_model, "exponent": plan.lr_exponent},
+        "axis": None if plan.axis is None else {"key": plan.axis.key, "values": plan.axis.values},
+        "data": ", ".join(f"{s.name} {s.weight:g}" for s in ref.data.sources),
+        "rungs": [vars(r.info) for r in plan.rungs],
+    }
