@@ -25,6 +25,7 @@ from ..train.evaluation.report import (
 from ..train.evaluation.tasks import Task, get_tasks
 from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_run_config, read_tokenizer, resolve
 from ..train.osutil import write_json_atomic
+from ..train.rundir import METRICS
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -204,14 +205,14 @@ def _log_to_wandb(
     from ..train.metrics import MetricsLog
 
     where = Path(meta["run_dir"] or meta["weights"])
-    had_metrics = (where / "metrics.jsonl").exists()
+    had_metrics = (where / METRICS).exists()
     name = f"{cfg.run.name or where.name} eval"
     log = MetricsLog(where, replace(cfg, log=replace(cfg.log, wandb=True), run=replace(cfg.run, name=name)))
     try:
         log_eval_tables(log, results, validation)
     finally:
         log.close()
-        stray = where / "metrics.jsonl"
+        stray = where / METRICS
         if not had_metrics and stray.is_file() and stray.stat().st_size == 0:
             stray.unlink()  # MetricsLog opens one; an export directory should not gain an empty file
     print(f"logged the tables to wandb run {name!r} (files under {where / 'wandb'})", file=sys.stderr)
