@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import psutil
 import pytest
-from e2e import SMALL_DATA, SMOKE, free_port, latest_step, metrics
 
-from conftest import ROOT
 from scalegpt.train.errors import UserError
 from scalegpt.train.rundir import (
     LOCK,
@@ -31,6 +30,9 @@ from scalegpt.train.rundir import (
     take,
     trim_metrics,
 )
+
+from conftest import ROOT
+from e2e import SMALL_DATA, SMOKE, free_port, latest_step, metrics
 
 
 def write_lock(run_dir: Path, **fields: object) -> Holder:
@@ -157,19 +159,39 @@ def test_trim_keeps_the_steps_through_the_state_once_each(tmp_path: Path) -> Non
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
-def start(*args: str) -> subprocess.Popen[str]:
-    """`python -m scalegpt ARGS` in the background, in its own process group, as a shell job would be."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RANK", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "scalegpt", *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        process_group=0,
-    )
+class Job:
+    """`python -m scalegpt ARGS` in the background, in its own process group as a shell job would be, its
+    output in a file (a pipe nobody reads would stop it once full)."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RANK", None)
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scalegpt", *args],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        return self.proc.wait(timeout=timeout), self.output()
+
+    def wait_for(self, what: str, ready: Callable[[], bool], timeout: float = 600) -> None:
+        """Poll `ready` until it holds; fail with the job's output when the job ends first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, f"the job ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.output()[-3000:]}"
+            time.sleep(0.2)
 
 
 def train_args(run: Path, data: Path, *overrides: str) -> list[str]:
@@ -179,10 +201,6 @@ def train_args(run: Path, data: Path, *overrides: str) -> list[str]:
 def launch_args(run: Path, data: Path, *overrides: str) -> list[str]:
     common = [f"run.dir={run}", f"data.dir={data}", *SMALL_DATA, *overrides]
     return ["launch", SMOKE, "--procs", "2", "--master-port", str(free_port()), *common]
-
-
-def finish(*procs: subprocess.Popen[str], timeout: float = 600) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=timeout), p.communicate()[0]) for p in procs]
 
 
 def one_trained_one_refused(results: list[tuple[int, str]], run: Path) -> None:
@@ -201,7 +219,8 @@ def one_trained_one_refused(results: list[tuple[int, str]], run: Path) -> None:
 def test_two_trains_at_once_one_trains_the_other_names_it(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = train_args(run, prepared, "train.max_steps=6", "eval.every=0", "checkpoint.every=3")
-    one_trained_one_refused(finish(start(*args), start(*args)), run)
+    jobs = [Job(tmp_path / f"{i}.log", *args) for i in range(2)]
+    one_trained_one_refused([job.finish() for job in jobs], run)
     assert latest_step(run) == 6
 
 
@@ -209,16 +228,10 @@ def test_two_trains_at_once_one_trains_the_other_names_it(prepared: Path, tmp_pa
 def test_a_train_beside_a_launch_one_trains_the_other_exits_2(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     steps = ["train.max_steps=6", "eval.every=0", "checkpoint.every=3"]
-    results = finish(start(*train_args(run, prepared, *steps)), start(*launch_args(run, prepared, *steps)))
-    one_trained_one_refused(results, run)
+    jobs = [Job(tmp_path / "train.log", *train_args(run, prepared, *steps))]
+    jobs.append(Job(tmp_path / "launch.log", *launch_args(run, prepared, *steps)))
+    one_trained_one_refused([job.finish() for job in jobs], run)
     assert {m["world_size"] for m in metrics(run)} in ({1}, {2})
-
-
-def wait_for(what: str, ready: callable, timeout: float = 300) -> None:  # type: ignore[valid-type]
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def rows_written(run: Path, n: int) -> bool:
@@ -231,30 +244,52 @@ def test_a_holder_killed_with_9_is_taken_over_and_no_step_is_logged_twice(prepar
     holder's run directory, and metrics.jsonl holds each step once (it held steps 0-5 twice before)."""
     run = tmp_path / "run"
     args = train_args(run, prepared, "train.max_steps=12", "checkpoint.every=1000", "log.every=1", "eval.every=4")
-    first = start(*args)
-    wait_for("logged steps", lambda: rows_written(run, 4))
+    first = Job(tmp_path / "first.log", *args)
+    first.wait_for("logged steps", lambda: rows_written(run, 4))
     os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.proc.wait()
     assert latest_step(run) is None and (run / LOCK).is_file()
-    again = start(*args)
-    code, out = finish(again)[0]
+    code, out = Job(tmp_path / "again.log", *args).finish()
     assert code == 0, out
     assert f"took over run.dir {run} from scalegpt train on host {socket.gethostname()}, process {first.pid}" in out
     assert "is gone" in out
     assert [m["step"] for m in metrics(run)] == list(range(13))
 
 
+def running(proc: psutil.Process) -> bool:
+    """Alive, and not a zombie: an exited orphan waits to be reaped by whatever PID 1 this machine has."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_rank(proc: psutil.Process) -> bool:
+    words = proc.cmdline()
+    return any(words[i : i + 3] == ["-m", "scalegpt", "train"] for i in range(len(words)))
+
+
 @pytest.mark.slow
 def test_killing_the_launchers_process_group_ends_every_rank(prepared: Path, tmp_path: Path) -> None:
+    """kill -9 of `scalegpt launch`'s group: its ranks, in DeepSpeed's group, go too, and the next start
+    is free to take the run directory over."""
     run = tmp_path / "run"
-    launcher = start(*launch_args(run, prepared, "train.max_steps=100000", "eval.every=0", "log.every=1"))
-    wait_for("logged steps", lambda: rows_written(run, 2))
-    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train" in p.cmdline()]
-    assert len(ranks) == 2, [p.cmdline() for p in ranks]
-    everything = psutil.Process(launcher.pid).children(recursive=True)
-    os.killpg(os.getpgid(launcher.pid), signal.SIGKILL)
-    launcher.wait()
-    gone, alive = psutil.wait_procs(everything, timeout=10)
-    assert not alive, [(p.pid, p.cmdline()) for p in alive]
-    # the next start finds the hold dead (rank 0 is gone) and takes it over
-    check_free(run)
+    overrides = ("train.max_steps=100000", "eval.every=0", "log.every=1")
+    launcher = Job(tmp_path / "launch.log", *launch_args(run, prepared, *overrides))
+    try:
+        launcher.wait_for("logged steps", lambda: rows_written(run, 2))
+        everything = psutil.Process(launcher.pid).children(recursive=True)
+        assert len([p for p in everything if is_rank(p)]) == 2, [p.cmdline() for p in everything]
+        assert os.getpgid(everything[0].pid) != os.getpgid(launcher.pid)  # out of reach of the group's kill
+        os.killpg(os.getpgid(launcher.pid), signal.SIGKILL)
+        launcher.proc.wait()
+        deadline = time.monotonic() + 10
+        while (alive := [p for p in everything if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+        assert "its launcher (process" in launcher.output()
+        check_free(run)  # rank 0 held it, and is gone
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True) if launcher.proc.poll() is None else []:
+            p.kill()
+        launcher.proc.kill()
