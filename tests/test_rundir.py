@@ -74,9 +74,12 @@ def test_a_second_take_refuses_naming_the_holder_and_release_frees_it(tmp_path: 
             check_free(tmp_path / "run")
     finally:
         hold.release()
-    assert not (tmp_path / "run" / LOCK).exists()
+    assert not (tmp_path / "run").exists()  # made for the hold and left empty: a refused start leaves nothing
     check_free(tmp_path / "run")
-    take(tmp_path / "run").release()
+    hold = take(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("")
+    hold.release()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
 
 
 def test_a_holder_whose_process_is_gone_is_taken_over(tmp_path: Path) -> None:

@@ -265,8 +265,8 @@ def check_free(run_dir: Path) -> None:
 class Hold:
     """This process holds a run directory: its lock file is ours, and a thread keeps its heartbeat."""
 
-    def __init__(self, run_dir: Path, holder: Holder, note: str | None, heartbeat_s: float) -> None:
-        self.run_dir, self.holder, self.note = run_dir, holder, note
+    def __init__(self, run_dir: Path, holder: Holder, note: str | None, heartbeat_s: float, made: list[Path]) -> None:
+        self.run_dir, self.holder, self.note, self.made = run_dir, holder, note, made
         self.path = run_dir / LOCK
         self.lost = False
         self._stop = threading.Event()
@@ -292,11 +292,17 @@ class Hold:
                 continue  # a missed beat; the next one may land
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock file, if it is still ours."""
+        """Stop the heartbeat and remove the lock file, if it is still ours; and the folders taking the hold
+        made, while they are empty: a start refused after it took the hold leaves no new run directory."""
         self._stop.set()
         self._thread.join()
         if self._mine():
             self.path.unlink(missing_ok=True)
+        for folder in self.made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _publish(run_dir: Path, holder: Holder) -> bool:
@@ -347,6 +353,7 @@ def _remove_stale(run_dir: Path, stale: Holder) -> None:
 def take(run_dir: Path, what: str = "scalegpt train", *, heartbeat_s: float = HEARTBEAT_S) -> Hold:
     """Hold `run_dir` for this process, or a UserError naming the live holder. A dead holder is taken over;
     the returned Hold's `note` then says whose hold was taken and why it was dead."""
+    made = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     me = Holder(
         host=socket.gethostname(),
@@ -359,7 +366,7 @@ def take(run_dir: Path, what: str = "scalegpt train", *, heartbeat_s: float = HE
     note = None
     for _ in range(5):
         if _publish(run_dir, me):
-            return Hold(run_dir, me, note, heartbeat_s)
+            return Hold(run_dir, me, note, heartbeat_s, made)
         found = read_holder(run_dir)
         if found is None:
             continue  # released between our attempt and the read
