@@ -6,6 +6,7 @@ Layout (run.dir):
     tokenizer.json   the tokenizer the data was prepared with
     metrics.jsonl    one JSON object per logged step, steps in order, none twice
     checkpoints/     one folder per saved step, plus `latest` (see train/checkpoint.py)
+    skipped.json     the samples each rewind skips;  faults.json  the fire drills already fired
     writer.lock      who holds the run directory now (below)
     sbatch.sh        the job script `launch --slurm` submitted;  curves.png  `scalegpt plot`'s figure
 
@@ -70,6 +71,8 @@ TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+SKIPPED = "skipped.json"
+FAULTS = "faults.json"
 LOCK = "writer.lock"
 SBATCH = "sbatch.sh"
 CURVES = "curves.png"
