@@ -1,6 +1,7 @@
 # Two commands for a new machine with only Python 3.11:
 #   make setup   install everything into .venv, then run the CPU smoke job (prepare, train, sample)
 #   make test    run the whole test suite (installs first if needed)
+#   make test-fast  only the tests that start no training process (pytest -m "not slow")
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,13 +15,13 @@ SMOKE  ?= configs/smoke.yaml
 # run (tests/test_arithmetic_e2e.py) starts first instead of last
 WORKERS ?= 2
 
-.PHONY: setup install smoke test lint bench clean
+.PHONY: setup install smoke test test-fast lint bench clean
 
 setup: install smoke
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# No CUDA GPU: take the CPU build first, so nothing below pulls a multi-GB CUDA build.
@@ -36,6 +37,9 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

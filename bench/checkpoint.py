@@ -17,7 +17,8 @@ import torch
 
 from scalegpt.model import build_model
 from scalegpt.train import checkpoint as ckpt
-from scalegpt.train.config import load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import to_yaml
 from scalegpt.train.engine import build_engine, init_distributed
 
 

@@ -23,7 +23,7 @@ import argparse
 from pathlib import Path
 
 from scalegpt.model.flops import count_params, flops_per_token
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -33,7 +33,9 @@ import torch
 
 from scalegpt.model import build_model
 from scalegpt.model.flops import flops_per_token, mfu, peak_flops_for
-from scalegpt.train.config import Config, global_batch, load_config
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import Config
+from scalegpt.train.config.validation import global_batch
 from scalegpt.train.engine import build_engine, init_distributed, param_groups
 from scalegpt.train.loop import engine_step
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..train.engine import pick_device
 from ..train.errors import UserError, check_writable_file
 from ..train.evaluation.fewshot import FEW, ShotResult, Shots, TaskPlan, plan_tasks, run_plans
 from ..train.evaluation.report import (
@@ -23,9 +25,11 @@ from ..train.evaluation.report import (
     validation_table,
 )
 from ..train.evaluation.tasks import Task, get_tasks
-from ..train.inference import ResolvedPath, load_for_inference, pick_device, read_run_config, read_tokenizer, resolve
+from ..train.evaluation.validation import open_validation_data, validation_metrics
+from ..train.metrics import MetricsLog
 from ..train.osutil import write_json_atomic
 from ..train.rundir import METRICS
+from ..train.weights import ResolvedPath, load_for_inference, read_run_config, read_tokenizer, resolve
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -71,7 +75,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[Task], list[Shots]]:
     if args.json_out is not None:  # found now, not after the whole evaluation has run
         check_writable_file(args.json_out, "--json")
     if args.lm_eval:
-        from ..train.evaluation.harness import HAVE_LM_EVAL
+        from ..train.evaluation.harness import HAVE_LM_EVAL  # imports lm-eval (seconds): only with --lm-eval
 
         if not HAVE_LM_EVAL:
             raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'scalegpt[eval]' (or lm-eval)")
@@ -101,8 +105,6 @@ def _before_weights(
 ) -> tuple[Mixture | None, str, list[TaskPlan]]:
     """The validation data and the task plans, from the config and tokenizer alone, so a K that does not
     fit n_ctx or a missing data folder fails before the weights are read."""
-    from ..train.evaluation.validation import open_validation_data
-
     cfg, tokenizer = read_run_config(resolved), read_tokenizer(resolved)
     mixture, data_note = (None, "validation skipped (--val-batches 0)")
     if args.val_batches:
@@ -134,8 +136,6 @@ def _run_fewshot(
 def _run_validation(
     args: argparse.Namespace, model: nn.Module, mixture: Mixture | None, data_note: str
 ) -> dict[str, dict[str, float]]:
-    from ..train.evaluation.validation import validation_metrics
-
     _say(f"\n{data_note}")
     if mixture is None:
         return {}
@@ -150,7 +150,7 @@ def _run_validation(
 def _run_lm_eval(args: argparse.Namespace, model: nn.Module, tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
     if not args.lm_eval:
         return {}
-    from ..train.evaluation.harness import ScalegptLM, run_lm_eval
+    from ..train.evaluation.harness import ScalegptLM, run_lm_eval  # imports lm-eval (seconds): only with --lm-eval
 
     lm = ScalegptLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
     results = run_lm_eval(lm, args.lm_eval, include_path=args.lm_eval_include, limit=args.num_examples, seed=args.seed)
@@ -200,10 +200,6 @@ def _log_to_wandb(
     meta: dict[str, Any], cfg: Any, results: list[ShotResult], validation: dict[str, dict[str, float]]
 ) -> None:
     """A wandb run with the model's config and the eval tables (offline when no API key is set)."""
-    from dataclasses import replace
-
-    from ..train.metrics import MetricsLog
-
     where = Path(meta["run_dir"] or meta["weights"])
     had_metrics = (where / METRICS).exists()
     name = f"{cfg.run.name or where.name} eval"

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..train.config import Config, load_config
+from ..train.config.loading import load_config
+from ..train.config.schema import Config
 from ..train.data.mixture import Mixture, describe
 from ..train.data.steps import StepSpan, rank_indices, step_spans
 from ..train.data.tokenizer import load_tokenizer, tokenizer_hash

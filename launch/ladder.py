@@ -35,7 +35,7 @@ from ..train.osutil import write_json_atomic
 
 if TYPE_CHECKING:
     from ..model.config import ModelConfig
-    from ..train.config import Config
+    from ..train.config.schema import Config
     from .ladder_fit import PowerLaw
 
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -333,7 +333,7 @@ def _plan_rung(
     args: argparse.Namespace, recipe: _Recipe, shape: Shape, axis: tuple[Axis, str] | None, ladder_dir: Path
 ) -> Rung:
     """One rung: its budget in steps, its learning rate, and its config loaded through load_config."""
-    from ..train.config import load_config
+    from ..train.config.loading import load_config
 
     axis_over = [f"{axis[0].key}={axis[1]}"] if axis else []
     base = load_config(args.config, [*args.overrides, *axis_over])
@@ -366,7 +366,7 @@ def _plan_rung(
 
 
 def _check_axis(args: argparse.Namespace, axis: Axis) -> None:
-    from ..train.config import load_config
+    from ..train.config.loading import load_config
 
     for value in axis.values:
         try:
@@ -381,7 +381,7 @@ def _check_axis(args: argparse.Namespace, axis: Axis) -> None:
 def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
     """Load and check every rung's config before anything trains, so a bad size or axis value costs
     nothing."""
-    from ..train.config import load_config
+    from ..train.config.loading import load_config
 
     ref = load_config(args.config, args.overrides)
     if ref.eval.batches < 1:
@@ -771,7 +771,7 @@ def _train_pending(plan: Plan, launch: argparse.Namespace | None, summary: dict[
 
 def ladder_command(args: argparse.Namespace) -> int:
     """Entry point of `scalegpt ladder` (parser: add_parser below)."""
-    from ..train.config import load_config
+    from ..train.config.loading import load_config
 
     started = time.monotonic()
     if args.sizes:  # `--sizes 64 128 run.dir=x`: argparse gives the override to --sizes; it is an override

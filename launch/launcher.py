@@ -29,7 +29,9 @@ from typing import Literal
 
 import psutil
 
-from ..train.config import Config, global_batch, load_config
+from ..train.config.loading import load_config
+from ..train.config.schema import Config
+from ..train.config.validation import global_batch
 from ..train.errors import QUIET_INTERRUPT, UserError, check_writable_dir
 from ..train.lifeline import launcher_mark
 from ..train.osutil import atomic_write, free_port

@@ -32,7 +32,8 @@ from ..model.flops import (
     zero_bucket_bytes,
     zero_model_states,
 )
-from ..train.config import Config, load_config
+from ..train.config.loading import load_config
+from ..train.config.schema import Config
 from ..train.engine import compiled_ops_note, deepspeed_config
 from ..train.errors import UserError
 

@@ -19,6 +19,9 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..train.config.schema import read_config_file
+from ..train.data.mixture import Mixture
+from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
 from ..train.errors import UserError, check_writable_dir
 from ..train.osutil import atomic_path
 from ..train.rundir import CONFIG, CURVES, METRICS, TOKENIZER, read_metrics
@@ -76,10 +79,6 @@ def epochs_by_source(
     run_dir: Path, records: list[dict[str, Any]], data_dir: str | Path | None = None
 ) -> tuple[dict[str, tuple[list[int], list[float]]] | None, str]:
     """Per source, (steps, epochs elapsed) from the prepared data; or None and why not."""
-    from ..train.config import read_config_file
-    from ..train.data.mixture import Mixture
-    from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
-
     config_file = run_dir / CONFIG
     if not config_file.is_file():
         return None, f"no {CONFIG} in {run_dir}"

@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 
 from ..model.generate import generate
 from ..train.data.tokenizer import EOT
+from ..train.engine import pick_device
 from ..train.errors import UserError
-from ..train.inference import load_for_inference, pick_device
+from ..train.weights import load_for_inference
 
 _MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so a byte-level BPE needs at most 4 tokens
 

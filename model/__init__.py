@@ -19,7 +19,7 @@ __all__ = ["GPT", "KVCache", "ModelConfig", "build_model"]
 
 def __getattr__(name: str) -> Any:
     if name in ("GPT", "KVCache", "build_model"):
-        from . import gpt
+        from . import gpt  # torch comes with it: commands that only read configs start without it
 
         return getattr(gpt, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.gpt import KVCache
-from scalegpt.train.config import Config, load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import Config, to_yaml
 
 N_CTX = 32
 BATCH = 16  # sequences per step in the fake run

@@ -65,6 +65,7 @@ def test_decoding_kernels_equal_reference_at_an_offset(window: int | None) -> No
         torch.testing.assert_close(got, reference(q, k, v, window, start=40), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # inductor builds C++ kernels: about a minute on a busy CPU
 @pytest.mark.skipif(flex_attention is None, reason="this torch has no flex_attention")
 def test_compiled_flex_equals_reference_in_inference() -> None:
     """The flex kernel as it runs on a GPU: compiled. torch compiles flex on CPU for inference only, so

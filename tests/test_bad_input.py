@@ -31,7 +31,8 @@ from tokenizers import ByteLevelBPETokenizer
 
 from scalegpt.launch.cli import main
 from scalegpt.model import GPT, ModelConfig
-from scalegpt.train.config import Config, load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import Config, to_yaml
 
 from conftest import ROOT
 from e2e import SMALL_DATA, SMOKE, free_port, like_a_terminal
@@ -433,6 +434,7 @@ def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str], timeou
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_token_ids_beyond_the_vocabulary_are_named_as_corruption(inputs: Inputs, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(inputs.paths["data"], data)
@@ -449,6 +451,7 @@ def test_token_ids_beyond_the_vocabulary_are_named_as_corruption(inputs: Inputs,
     _assert_unchanged(before, _digest(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_run_config_is_named_by_train(inputs: Inputs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(inputs.paths["damaged_run"], run)
@@ -490,6 +493,7 @@ def restarted(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Resta
     return Restarted(root / "run", code, err, root / "extensions", _shm() - shm)
 
 
+@pytest.mark.slow
 def test_a_stopped_first_start_does_not_make_the_next_one_hang(restarted: Restarted) -> None:
     assert restarted.code == 0, restarted.err[-3000:]
     assert not list(restarted.extensions.rglob("lock"))
@@ -522,6 +526,7 @@ def _damage_optimizer(ckpt: Path) -> Path:
     return victim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_damage_rng, _damage_optimizer], ids=["truncated-rng", "bit-flipped-optimizer"])
 def test_a_corrupt_checkpoint_file_is_named_on_resume(
     damage: Callable[[Path], Path], restarted: Restarted, inputs: Inputs, tmp_path: Path
@@ -537,6 +542,7 @@ def test_a_corrupt_checkpoint_file_is_named_on_resume(
     _assert_unchanged(before, _digest(run))
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_a_clean_error(inputs: Inputs, tmp_path: Path) -> None:
     args = ["train", SMOKE, f"data.dir={inputs.paths['data']}", f"run.dir={tmp_path / 'run'}", *SMALL_DATA]
     code, _, err = _finish(_scalegpt(*args, "train.precision=fp16", "train.device=cpu"))
@@ -544,6 +550,7 @@ def test_fp16_on_cpu_is_a_clean_error(inputs: Inputs, tmp_path: Path) -> None:
     _one_error_line(err, "fp16")
 
 
+@pytest.mark.slow
 def test_a_refused_resume_changes_nothing_and_makes_no_run_dir(inputs: Inputs, tmp_path: Path) -> None:
     """An existing run directory keeps its config.yaml byte for byte; a new one is not created."""
     run = tmp_path / "run"
@@ -575,6 +582,7 @@ def test_ctrl_c_during_prepare_exits_130_and_leaves_nothing(tmp_path: Path) -> N
     assert not left, left
 
 
+@pytest.mark.slow
 def test_kill_9_early_in_launch_leaves_nothing_in_dev_shm(inputs: Inputs, tmp_path: Path) -> None:
     port = free_port()
     run = tmp_path / "run"
@@ -592,6 +600,7 @@ def test_kill_9_early_in_launch_leaves_nothing_in_dev_shm(inputs: Inputs, tmp_pa
     assert not _shm(port)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_launch_exits_130_and_says_interrupted_once(inputs: Inputs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _scalegpt(

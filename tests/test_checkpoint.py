@@ -20,7 +20,7 @@ from scalegpt.train.checkpoint import (
     tag_for,
     write_latest,
 )
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 
 from conftest import CONFIGS

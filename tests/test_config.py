@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config import Config, from_yaml_text, load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import Config, from_yaml_text, to_yaml
 from scalegpt.train.errors import UserError
 
 from conftest import CONFIGS

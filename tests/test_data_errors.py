@@ -4,8 +4,6 @@ half-written left behind, and nothing that existed lost."""
 from __future__ import annotations
 
 import copy
-import json
-import random
 import shutil
 import subprocess
 import sys
@@ -15,20 +13,9 @@ from pathlib import Path
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.data import builtin
 from scalegpt.train.data.tokenizer import save_tokenizer, train_bpe
 
-TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
-
-
-def story(seed: int) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(builtin.prose_document(rng) for _ in range(20))
-
-
-def write_config(path: Path, data: dict, model: dict | None = None) -> Path:
-    path.write_text(json.dumps({"model": {**TINY, **(model or {})}, "data": data}))
-    return path
+from helpers import story, write_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -48,8 +35,8 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A prepared data folder (to check nothing is lost), its config, a tokenizer and input files."""
     root = tmp_path_factory.mktemp("errors")
-    (root / "a.txt").write_text(story(1))
-    (root / "b.txt").write_text(story(2))
+    (root / "a.txt").write_text(story(1, 20))
+    (root / "b.txt").write_text(story(2, 20))
     (root / "empty.txt").write_text("")
     (root / "empties").mkdir()
     for i in range(3):
@@ -59,9 +46,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (root / "notjson.jsonl").write_text('{"text": "ok"}\n{text: nope}\n')
     (root / "nofield.jsonl").write_text('{"body": "some text"}\n')
     (root / "tiny.txt").write_text("hi")
-    tok = train_bpe([story(i) for i in range(10)], 512)
+    tok = train_bpe([story(i, 20) for i in range(10)], 512)
     save_tokenizer(tok, root / "tok.json")
-    other = train_bpe([story(i) for i in range(10, 20)], 512)
+    other = train_bpe([story(i, 20) for i in range(10, 20)], 512)
     save_tokenizer(other, root / "other.json")
     data = {
         "dir": str(root / "prep"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.mixture import Mixture, describe, feistel
 from scalegpt.train.data.prepare import prepare
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
 from scalegpt.train.errors import UserError
 
+from helpers import story
+
 N_CTX = 16
-
-
-def story(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(builtin.prose_document(rng) for _ in range(n))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import sysconfig
 from pathlib import Path
 
@@ -15,28 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.mixture import Mixture
 from scalegpt.train.data.prepare import ROW_CHARS, prepare
 from scalegpt.train.data.sources import resolve
 from scalegpt.train.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
-from conftest import CONFIGS
-
-TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
-
-
-def story(seed: int, n: int = 3) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(builtin.prose_document(rng) for _ in range(n))
-
-
-def write_config(path: Path, data: dict, model: dict | None = None) -> Path:
-    """A whole run config as JSON (which is YAML), with no presets, so it can live in tmp_path."""
-    cfg = {"model": {**TINY, **(model or {})}, "data": data, "train": {"max_steps": 10, "micro_batch": 4}}
-    path.write_text(json.dumps(cfg))
-    return path
+from helpers import story, write_config
 
 
 def run_prepare(cfg_path: Path, *overrides: str) -> list[str]:
@@ -292,13 +277,6 @@ def test_gpt3_preset_needs_user_paths(preset_run, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert code == 2 and "source 'common_crawl'" in err and "/path/to/common_crawl_filtered" in err
     assert not (tmp_path / "p").exists()
-
-
-def test_builtin_preset_matches_smoke_sizes() -> None:
-    cfg = load_config(CONFIGS / "smoke.yaml")
-    assert cfg.data.dir == "prepared/builtin" and cfg.model.vocab_size == 512
-    assert [s.builtin for s in cfg.data.sources] == ["arithmetic", "scramble", "prose"]
-    assert sum(s.builtin_mb for s in cfg.data.sources) >= 3.0  # a few MB for the smoke run
 
 
 def test_a_spawned_worker_loads_the_tokenizer_itself(tokenizer_path: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config import PACKAGED_CONFIGS, load_config
+from scalegpt.train.config.loading import PACKAGED_CONFIGS, load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer
 from scalegpt.train.errors import UserError

@@ -26,14 +26,9 @@ from scalegpt.train.data import builtin
 from scalegpt.train.data.tokenizer import save_tokenizer, train_bpe
 
 from e2e import like_a_terminal
+from helpers import write_config
 
-TINY = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 512}
 SCALEGPT = Path(sys.executable).with_name("scalegpt")
-
-
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps({"model": TINY, "data": data, "train": {"max_steps": 10, "micro_batch": 4}}))
-    return path
 
 
 def documents(n: int, seed: int = 0) -> list[str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegpt.train.config import load_config
+from scalegpt.launch.cli import main
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import deepspeed_config, pick_device, resolve_device
 from scalegpt.train.errors import UserError
 
@@ -62,12 +63,6 @@ def test_the_passthrough_may_choose_the_accumulation_dtype() -> None:
     assert deepspeed_config(cfg, world_size=1, device="cpu")["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("gpt3-*.yaml")))
-def test_gpu_presets_log_every_10_steps(preset: str) -> None:
-    """A logged step waits for the GPU; the steps between run ahead of the host."""
-    assert load_config(ROOT / "configs" / preset).log.every == 10
-
-
 # -- device choice -----------------------------------------------------------------------------------------
 def test_auto_picks_what_the_machine_has() -> None:
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,9 +84,16 @@ def test_an_unknown_device_is_an_error() -> None:
 
 
 # -- end to end, through the real command ------------------------------------------------------------------
-def test_dry_run_shows_the_gpu_job_on_a_machine_without_one() -> None:
-    proc = scalegpt("train", GPT3_SMALL, "--dry-run", "train.device=cuda", "train.dist_timeout_minutes=90")
-    out = proc.stdout
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:
+    """The real entry point in this process (a dry run and a plan start nothing): its stdout and stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out, err
+
+
+def test_dry_run_shows_the_gpu_job_on_a_machine_without_one(capsys: pytest.CaptureFixture[str]) -> None:
+    out, err = _run(capsys, "train", GPT3_SMALL, "--dry-run", "train.device=cuda", "train.dist_timeout_minutes=90")
     assert "n_ctx: 2048" in out and "dist_timeout_minutes: 90" in out
     ds = json.loads(out[out.index("\n{") + 1 :])
     assert ds["optimizer"] == {
@@ -104,22 +106,23 @@ def test_dry_run_shows_the_gpu_job_on_a_machine_without_one() -> None:
     assert ds["timers"] == {"throughput": {"enabled": False}}
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # 32 micro batches of 8 per step on one GPU
     assert ds["gradient_accumulation_steps"] == 32
-    assert "scalegpt: init_distributed: nccl, collective time-out 90 min" in proc.stderr
-    assert "scalegpt: compiled at start-up: nothing" in proc.stderr
+    assert "scalegpt: init_distributed: nccl, collective time-out 90 min" in err
+    assert "scalegpt: compiled at start-up: nothing" in err
 
 
-def test_dry_run_says_what_cpu_offload_compiles() -> None:
-    proc = scalegpt("train", SMOKE, "--dry-run", "train.cpu_offload=true")
-    assert "compiled at start-up: train.cpu_offload=true steps the optimizer with DeepSpeed's CPU Adam" in proc.stderr
-    assert "C++ compiler" in proc.stderr and "ninja" in proc.stderr
+def test_dry_run_says_what_cpu_offload_compiles(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run(capsys, "train", SMOKE, "--dry-run", "train.cpu_offload=true")[1]
+    assert "compiled at start-up: train.cpu_offload=true steps the optimizer with DeepSpeed's CPU Adam" in err
+    assert "C++ compiler" in err and "ninja" in err
 
 
-def test_plan_says_what_a_config_compiles() -> None:
-    assert scalegpt("plan", GPT3_SMALL).stdout.splitlines()[-1] == "compiled at start-up: nothing"
-    last = scalegpt("plan", GPT3_SMALL, "train.cpu_offload=true").stdout.splitlines()[-1]
+def test_plan_says_what_a_config_compiles(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(capsys, "plan", GPT3_SMALL)[0].splitlines()[-1] == "compiled at start-up: nothing"
+    last = _run(capsys, "plan", GPT3_SMALL, "train.cpu_offload=true")[0].splitlines()[-1]
     assert last.startswith("compiled at start-up: train.cpu_offload=true steps the optimizer with DeepSpeed's CPU Adam")
 
 
+@pytest.mark.slow
 def test_cpu_offload_without_a_compiler_is_a_one_line_error_before_any_work(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = scalegpt(
@@ -140,7 +143,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
     extensions.mkdir()
     code = (
         "import torch, torch.distributed as dist\n"
-        "from scalegpt.train.config import load_config\n"
+        "from scalegpt.train.config.loading import load_config\n"
         "from scalegpt.train.engine import init_distributed\n"
         f"init_distributed(load_config({SMOKE!r}, ['train.dist_timeout_minutes=7']))\n"
         "print(dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
@@ -161,7 +164,7 @@ def test_joining_the_group_compiles_nothing_and_takes_the_configured_time_out(tm
 ACCUMULATE = """
 import sys, torch
 from scalegpt.model import build_model
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.engine import build_engine, init_distributed
 cfg = load_config(sys.argv[1], sys.argv[2:])
 env = init_distributed(cfg)
@@ -202,6 +205,7 @@ def accumulation_error(*overrides: str) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_deepspeeds_zero2_sums_bf16_micro_batches_in_fp32() -> None:
     """The default is exact: DeepSpeed 0.19.8's ZeRO-2 bf16 path on CPU honours grad_accum_dtype. Summing
     in bf16 instead, as DeepSpeed does unless told, is off by a visible fraction of the gradient."""

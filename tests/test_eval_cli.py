@@ -12,7 +12,7 @@ import torch
 
 from scalegpt.launch.cli import main
 from scalegpt.train.data.mixture import Mixture
-from scalegpt.train.inference import load_for_inference
+from scalegpt.train.weights import load_for_inference
 
 from eval_helpers import TinyWorld, tiny_world
 

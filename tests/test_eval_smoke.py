@@ -12,7 +12,7 @@ import pytest
 
 from scalegpt.launch.cli import main
 from scalegpt.launch.plot import plot_run
-from scalegpt.train.config import read_config_file
+from scalegpt.train.config.schema import read_config_file
 from scalegpt.train.data.mixture import Mixture
 
 

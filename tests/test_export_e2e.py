@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from scalegpt.model import GPT, ModelConfig
 from scalegpt.train.checkpoint import checkpoint_dir, checkpoint_root
-from scalegpt.train.config import Config, to_yaml
-from scalegpt.train.inference import consolidated_state_dict, load_for_inference
+from scalegpt.train.config.schema import Config, to_yaml
+from scalegpt.train.weights import consolidated_state_dict, load_for_inference
 
 from e2e import scalegpt
 

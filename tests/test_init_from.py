@@ -13,12 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scalegpt.launch.cli import main
 from scalegpt.model import ModelConfig, build_model
-from scalegpt.train.config import read_config_file
+from scalegpt.train.config.schema import read_config_file
 from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer, tokenizer_hash
-from scalegpt.train.inference import load_for_inference, model_from_state
+from scalegpt.train.weights import load_for_inference, model_from_state
 
 from e2e import SMALL_DATA, SMOKE, metrics, scalegpt
+from helpers import one_error_line
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,6 +105,7 @@ def test_save_pretrained_and_the_hubs_layout_read_the_same(gpt2_dir: Path, tmp_p
         torch.testing.assert_close(saved(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_step0_validation_loss_equals_transformers_loss(gpt2_dir: Path, gpt2_data: Path, tmp_path: Path) -> None:
     run, source = tmp_path / "run", tmp_path / "gpt2"
     shutil.copytree(gpt2_dir, source)  # a copy, moved away below
@@ -130,6 +133,7 @@ def test_step0_validation_loss_equals_transformers_loss(gpt2_dir: Path, gpt2_dat
     assert [m["step"] for m in metrics(run) if m["loss"] is not None] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_eval_reads_a_hugging_face_folder(gpt2_dir: Path, gpt2_data: Path, tmp_path: Path) -> None:
     report = tmp_path / "eval.json"
     scalegpt(
@@ -140,6 +144,7 @@ def test_eval_reads_a_hugging_face_folder(gpt2_dir: Path, gpt2_data: Path, tmp_p
     assert result["n_ctx"] == 64 and result["fewshot"] and result["validation"]["metrics"]
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_another_runs_weights_on_new_data(reference_runs, tmp_path: Path) -> None:  # noqa: ANN001
     """A new run.dir from a finished run, on data of another mix: the weights carry over (the shared source's
     validation loss at step 0 is the source's last one), and the step, schedule and optimizer start afresh."""
@@ -173,41 +178,57 @@ def test_a_run_starts_from_another_runs_weights_on_new_data(reference_runs, tmp_
     assert ours[0]["val_loss/arithmetic"] < random_start - 0.5  # trained weights, not a fresh draw
 
 
-def _error(*args: str) -> str:
+def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """The one error line of the real entry point, run in this process: these refusals come from loading."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    return one_error_line(err)
+
+
+def _out(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    return out
+
+
+def _dry_run(capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
+    return _out(capsys, "train", SMOKE, "--dry-run", *overrides)
+
+
+def _process_error(*args: str) -> str:
     proc = scalegpt(*args, check=False)
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scalegpt: error: "), proc.stderr[-2000:]
-    return lines[0]
+    return one_error_line(proc.stderr)
 
 
-def _dry_run(*overrides: str) -> str:
-    return scalegpt("train", SMOKE, "--dry-run", *overrides).stdout
-
-
-def test_the_shape_comes_from_the_source_and_conflicts_are_named(gpt2_dir: Path, tmp_path: Path) -> None:
+def test_the_shape_comes_from_the_source_and_conflicts_are_named(
+    gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = [f"model.init_from={gpt2_dir}", f"data.tokenizer={gpt2_dir}"]
-    shown = _dry_run(*src, "model.n_ctx=32", "model.dropout=0.2")  # tiny.yaml's shape yields to the source
+    shown = _dry_run(capsys, *src, "model.n_ctx=32", "model.dropout=0.2")  # tiny.yaml's shape yields to the source
     for line in ("n_layer: 2", "n_head: 2", "d_model: 32", "n_ctx: 32", "vocab_size: 50257", "dropout: 0.2"):
         assert f"  {line}\n" in shown
-    line = _error("train", SMOKE, "--dry-run", *src, "model.n_layer=3")
+    line = _error(capsys, "train", SMOKE, "--dry-run", *src, "model.n_layer=3")
     assert "model.n_layer=3 in the command line conflicts with model.init_from" in line and "n_layer=2" in line
-    line = _error("train", SMOKE, "--dry-run", *src, "model.n_ctx=128")
+    line = _error(capsys, "train", SMOKE, "--dry-run", *src, "model.n_ctx=128")
     assert "n_ctx=128" in line and "n_ctx=64" in line and "at most" in line
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(f"defaults:\n  data: builtin\nmodel:\n  init_from: {gpt2_dir}\n  d_model: 64\n")
-    line = _error("train", str(run_yaml), "--dry-run", f"data.tokenizer={gpt2_dir}")
+    line = _error(capsys, "train", str(run_yaml), "--dry-run", f"data.tokenizer={gpt2_dir}")
     assert f"model.d_model=64 in {run_yaml} conflicts" in line and "d_model=32" in line
     neo = _neo_dir(tmp_path / "neo")  # GPT-Neo: alternating layers, no q/k/v biases, its window
-    shown = _dry_run(f"model.init_from={neo}", f"data.tokenizer={neo}")
+    shown = _dry_run(capsys, f"model.init_from={neo}", f"data.tokenizer={neo}")
     for line in ("attention: alternating", "local_window: 8", "qkv_bias: false", "n_ctx: 48"):
         assert f"  {line}\n" in shown
     # the tokenizer comes with the weights: interpolating init_from is the YAML way to say so
     run_yaml.write_text(
         f"defaults:\n  data: builtin\nmodel:\n  init_from: {gpt2_dir}\ndata:\n  tokenizer: ${{model.init_from}}\n"
     )
-    assert f"tokenizer: {gpt2_dir}\n" in scalegpt("train", str(run_yaml), "--dry-run").stdout
-    shown = _dry_run(f"model.init_from={gpt2_dir}", "data.tokenizer=${model.init_from}")  # the same, as an override
+    assert f"tokenizer: {gpt2_dir}\n" in _out(capsys, "train", str(run_yaml), "--dry-run")
+    # the same, as an override
+    shown = _dry_run(capsys, f"model.init_from={gpt2_dir}", "data.tokenizer=${model.init_from}")
     assert f"  tokenizer: {gpt2_dir}\n" in shown
 
 
@@ -219,31 +240,33 @@ def test_the_shape_comes_from_the_source_and_conflicts_are_named(gpt2_dir: Path,
         ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
     ],
 )
-def test_unrepresentable_gpt2_configs_are_refused(changes: dict, named: str, tmp_path: Path) -> None:
+def test_unrepresentable_gpt2_configs_are_refused(
+    changes: dict, named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "gpt2"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**transformers.GPT2Config(**GPT2_SHAPE).to_dict(), **changes}))
-    line = _error("train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
+    line = _error(capsys, "train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
     assert "model.init_from" in line and named in line
-    assert named in _error("sample", str(folder), "--prompt", "x")
+    assert named in _error(capsys, "sample", str(folder), "--prompt", "x")
 
 
-def test_a_gpt_neo_layer_pattern_other_than_ours_is_refused(tmp_path: Path) -> None:
+def test_a_gpt_neo_layer_pattern_other_than_ours_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _neo_dir(tmp_path / "neo")
     hf = json.loads((folder / "config.json").read_text())
     hf["attention_types"] = [[["local", "global"], 1]]  # layer 0 local: not GPT-3's alternation
     (folder / "config.json").write_text(json.dumps(hf))
-    line = _error("train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
+    line = _error(capsys, "train", SMOKE, "--dry-run", f"model.init_from={folder}", f"data.tokenizer={folder}")
     assert "attention_types" in line
-    assert "attention_types" in _error("sample", str(folder), "--prompt", "x")
+    assert "attention_types" in _error(capsys, "sample", str(folder), "--prompt", "x")
 
 
-def test_bad_sources_are_refused(gpt2_dir: Path, tmp_path: Path) -> None:
-    line = _error("train", SMOKE, "--dry-run", f"model.init_from={tmp_path / 'nope'}", "data.tokenizer=gpt2")
+def test_bad_sources_are_refused(gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _error(capsys, "train", SMOKE, "--dry-run", f"model.init_from={tmp_path / 'nope'}", "data.tokenizer=gpt2")
     assert "model.init_from" in line and "does not exist" in line
-    line = _error("train", SMOKE, "--dry-run", "model.init_from=openai-community/gpt2", "data.tokenizer=gpt2")
+    line = _error(capsys, "train", SMOKE, "--dry-run", "model.init_from=openai-community/gpt2", "data.tokenizer=gpt2")
     assert "read offline" in line and "hf download openai-community/gpt2 --local-dir" in line  # a hub name
-    line = _error("train", SMOKE, "--dry-run", f"model.init_from={gpt2_dir}")  # data.tokenizer left at bpe
+    line = _error(capsys, "train", SMOKE, "--dry-run", f"model.init_from={gpt2_dir}")  # data.tokenizer left at bpe
     assert "data.tokenizer" in line and "model.init_from" in line
     empty = tmp_path / "empty"  # config.json and a weights file that holds none of the model's tensors
     empty.mkdir()
@@ -251,15 +274,16 @@ def test_bad_sources_are_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     save_file({"unrelated": torch.zeros(1)}, str(empty / "model.safetensors"), metadata={"format": "pt"})
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(gpt2_dir / name, empty / name)
-    assert "lack" in _error("sample", str(empty), "--prompt", "x")
+    assert "lack" in _error(capsys, "sample", str(empty), "--prompt", "x")
 
 
+@pytest.mark.slow
 def test_data_prepared_with_another_tokenizer_is_refused(reference_runs, smoke_data: Path, tmp_path: Path) -> None:  # noqa: ANN001
     source = reference_runs(2)  # its BPE was trained on the smaller corpus; smoke_data's on the full one
     theirs = load_tokenizer(source / "tokenizer.json")
     assert tokenizer_hash(theirs) != tokenizer_hash(load_tokenizer(smoke_data / "tokenizer.json"))
     run = tmp_path / "run"
-    line = _error(
+    line = _process_error(
         "train", SMOKE, f"run.dir={run}", f"data.dir={smoke_data}", f"model.init_from={source}",
         f"data.tokenizer={source}", "train.max_steps=1",
     )  # fmt: skip
@@ -292,11 +316,11 @@ def _neo_dir(folder: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["gpt2", "gpt_neo"])
 def test_sample_reads_hugging_face_folders_and_decodes_as_transformers_does(
-    kind: str, gpt2_dir: Path, tmp_path: Path
+    kind: str, gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = gpt2_dir if kind == "gpt2" else _neo_dir(tmp_path / "neo")
     prompt = "The quick brown fox"
-    out = scalegpt("sample", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30").stdout
+    out = _out(capsys, "sample", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "30")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
     tok = load_tokenizer(folder)
     ids = torch.tensor([tok.encode(prompt).ids])
@@ -305,6 +329,6 @@ def test_sample_reads_hugging_face_folders_and_decodes_as_transformers_does(
     model, _, cfg = load_for_inference(folder, device="cpu")
     assert cfg.model.attention == ("dense" if kind == "gpt2" else "alternating")
     exported = tmp_path / "st"
-    scalegpt("export", str(folder), "--format", "safetensors", str(exported))
+    _out(capsys, "export", str(folder), "--format", "safetensors", str(exported))
     again, _, _ = load_for_inference(exported, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))

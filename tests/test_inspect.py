@@ -14,7 +14,7 @@ import pytest
 
 from scalegpt.launch.cli import main
 from scalegpt.launch.plot import epochs_by_source
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data.mixture import Mixture
 from scalegpt.train.data.steps import rank_indices
 from scalegpt.train.data.tokenizer import load_tokenizer
@@ -50,6 +50,7 @@ def inspect_json(tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_the_trainer_draws_the_weights_given_at_train_time(weighted_run: Path, prepared: Path, tmp_path: Path) -> None:
     rows = [m for m in metrics(weighted_run) if m["step"]]
     assert [m["step"] for m in rows] == list(range(1, 11))
@@ -76,6 +77,7 @@ def test_the_trainer_draws_the_weights_given_at_train_time(weighted_run: Path, p
     assert planned["sources"] == report["sources"]
 
 
+@pytest.mark.slow
 def test_eval_plot_and_resume_read_the_run_config(weighted_run: Path, prepared: Path) -> None:
     cfg = load_config(weighted_run / "config.yaml")
     mixture, note = open_validation_data(cfg, load_tokenizer(weighted_run / "tokenizer.json"))
@@ -112,6 +114,7 @@ def test_inspect_decodes_the_samples_it_counts(prepared: Path, tmp_path: Path) -
         assert sorted(sum(ranks, [])) == list(range(64, 96))
 
 
+@pytest.mark.slow
 def test_inspect_of_a_run_directory_follows_its_skipped_samples(weighted_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

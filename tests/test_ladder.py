@@ -22,21 +22,16 @@ from scalegpt.launch.ladder import CAVEAT, GroupFit, Outcome, RungInfo, SizeRule
 from scalegpt.launch.ladder_fit import fit_power_law, fit_power_law_offset
 from scalegpt.launch.ladder_plot import ladder_figure
 from scalegpt.model.config import ModelConfig
-from scalegpt.train.config import from_yaml_text
+from scalegpt.train.config.schema import from_yaml_text
 
 from conftest import CONFIGS, ROOT
 from e2e import SMALL_DATA, SMOKE, fork_run, latest_step, metrics, scalegpt
+from helpers import one_error_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two rungs of the smoke model's family (d_head 32): one and two heads, ten steps of 2048 tokens each,
 # checkpoints at steps 5 and 10.
 TWO_RUNGS = ["--sizes", "32", "64", "--tokens", "20480", "--evals", "2", "--checkpoints", "2"]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scalegpt: error: "), err
-    return lines[0]
 
 
 def ladder_args(ladder: Path, data: Path, *extra: str) -> list[str]:

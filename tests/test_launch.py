@@ -19,12 +19,14 @@ import pytest
 from scalegpt.launch.cli import main
 from scalegpt.launch.launcher import _is_rank, parse_hostfile
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir
-from scalegpt.train.config import load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import to_yaml
 from scalegpt.train.engine import adopt_launcher_env
 from scalegpt.train.errors import UserError
 
 from conftest import ROOT
 from e2e import SMALL_DATA, SMOKE, free_port, latest_step, losses, metrics, scalegpt
+from helpers import one_error_line
 
 BIN = Path(sys.executable).parent
 SIX_STEPS = ["train.max_steps=6", "log.every=1", "eval.every=0"]
@@ -60,12 +62,6 @@ def option(argv: list[str], flag: str) -> str:
 def rank_command(argv: list[str], module_flag: str) -> list[str]:
     """What each rank runs, after the launcher's module flag: `scalegpt train CONFIG overrides...`."""
     return argv[argv.index(module_flag) + 1 :]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scalegpt: error: "), err
-    return lines[0]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from scalegpt.launch.cli import main
 from scalegpt.launch.plan import Plan, make_plan, peak_memory
 from scalegpt.model.flops import GiB, count_params, flops_per_token
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 
 from e2e import free_port
@@ -181,7 +181,7 @@ PROBE = textwrap.dedent(
             assert main(["train", config, *overrides]) == 0
         else:
             from scalegpt.model.gpt import build_model
-            from scalegpt.train.config import load_config
+            from scalegpt.train.config.loading import load_config
             from scalegpt.train.engine import build_engine, init_distributed
 
             cfg = load_config(config, overrides)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scalegpt.train.checkpoint import checkpoint_dir
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Schedule
 

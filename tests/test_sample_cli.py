@@ -1,4 +1,4 @@
-"""`scalegpt sample` end to end, and the loading it rests on (train/inference.py): run, checkpoint and
+"""`scalegpt sample` end to end, and the loading it rests on (train/weights.py): run, checkpoint and
 export directories, a real one-process DeepSpeed ZeRO-2 checkpoint, bad input of every kind."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from scalegpt.model import GPT, ModelConfig
 from scalegpt.model.generate import generate
 from scalegpt.model.hf import hf_config, to_hf_state_dict
 from scalegpt.train.checkpoint import LATEST, checkpoint_dir, checkpoint_root, tag_for, write_latest
-from scalegpt.train.config import Config, to_yaml
+from scalegpt.train.config.schema import Config, to_yaml
 from scalegpt.train.errors import UserError
-from scalegpt.train.inference import consolidated_state_dict, load_for_inference, resolve
 from scalegpt.train.osutil import free_port
+from scalegpt.train.weights import consolidated_state_dict, load_for_inference, resolve
 
 from eval_helpers import varied_weights
 
@@ -123,6 +123,7 @@ def sample(path: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[
 # --- loading ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resolve_each_kind(run_dir: Path, export_dir: Path) -> None:
     ckpt = checkpoint_dir(run_dir, 1)
     for path, kind in ((run_dir, "run"), (checkpoint_root(run_dir), "run"), (ckpt, "checkpoint")):
@@ -133,6 +134,7 @@ def test_resolve_each_kind(run_dir: Path, export_dir: Path) -> None:
     assert (r.kind, r.weights_dir, r.config_file) == ("export", export_dir, export_dir / "config.yaml")
 
 
+@pytest.mark.slow
 def test_resolve_errors(tmp_path: Path, run_dir: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         resolve(tmp_path / "nope")
@@ -154,6 +156,7 @@ def test_resolve_errors(tmp_path: Path, run_dir: Path) -> None:
         resolve(lone)
 
 
+@pytest.mark.slow
 def test_consolidated_state_dict_gathers_the_fp32_master_weights(run_dir: Path) -> None:
     expected = torch.load(run_dir / "expected.pt")
     state = consolidated_state_dict(checkpoint_dir(run_dir, 1))
@@ -163,6 +166,7 @@ def test_consolidated_state_dict_gathers_the_fp32_master_weights(run_dir: Path) 
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_stage_0_checkpoint_is_read_from_its_module_states(run_dir: Path) -> None:
     expected = torch.load(run_dir / "expected.pt")
     ckpt = run_dir / "stage0" / tag_for(1)
@@ -171,6 +175,7 @@ def test_stage_0_checkpoint_is_read_from_its_module_states(run_dir: Path) -> Non
     assert sorted(state) == sorted(expected) and all(torch.equal(state[k], v) for k, v in expected.items())
 
 
+@pytest.mark.slow
 def test_corrupt_or_missing_checkpoint_files_are_named(tmp_path: Path, run_dir: Path) -> None:
     ckpt = shutil.copytree(checkpoint_dir(run_dir, 1), tmp_path / tag_for(1))
     optim = next(ckpt.glob("*_optim_states.pt"))
@@ -215,6 +220,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path, export_dir: Path, to
 # --- the command ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_and_export_sample_the_same_text(
     run_dir: Path, tmp_path: Path, tokenizer_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

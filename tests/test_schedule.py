@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from scalegpt.train.config import load_config
-from scalegpt.train.engine import deepspeed_config, global_batch, param_groups
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.validation import global_batch
+from scalegpt.train.engine import deepspeed_config, param_groups
 from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Cadence, Schedule
 

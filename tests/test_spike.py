@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from scalegpt.train.checkpoint import checkpoint_dir
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.errors import UserError
 from scalegpt.train.recovery import Fault, Skip, SkipLog, SpikeDetector, parse_fault
 
 from conftest import ROOT
-from e2e import SMALL_DATA, SMOKE, latest_step, losses, metrics, train
+from e2e import SMALL_DATA, SMOKE, latest_step, losses, metrics, scalegpt, train
+from helpers import one_error_line
 
 FEW = ["eval.every=0", "log.every=1"]
 # The drill of the README: a NaN at step 4 rewinds to the checkpoint of step 2 and skips steps 3-4's samples.
@@ -60,11 +63,17 @@ def test_fault_specs() -> None:
         ("train.spike_loss_ratio=0.5", "train.spike_loss_ratio in the command line: must be 0 (off) or above 1"),
     ],
 )
-def test_bad_recovery_settings_are_clean_errors(override: str, message: str) -> None:
-    from e2e import scalegpt
+def test_bad_recovery_settings_are_named_by_the_loader(override: str, message: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(SMOKE, [override])
+    assert message in str(err.value)
 
-    proc = scalegpt("train", SMOKE, override, "--dry-run", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("scalegpt: error: ") and message in proc.stderr
+
+def test_a_bad_setting_ends_the_real_command_in_one_line_and_exit_2() -> None:
+    """The loader's error as a user meets it: `scalegpt train` in its own process prints the one line."""
+    proc = scalegpt("train", SMOKE, "train.on_spike=retry", "--dry-run", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "train.on_spike in the command line: must be 'stop', 'skip' or 'rewind'" in one_error_line(proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +170,7 @@ def test_z_loss_matches_its_formula_in_value_and_gradient() -> None:
 
 def test_optim_z_loss_reaches_the_model() -> None:
     from scalegpt.model import build_model
-    from scalegpt.train.config import load_config
+    from scalegpt.train.config.loading import load_config
     from scalegpt.train.engine import configure_model
 
     cfg = load_config(SMOKE, ["optim.z_loss=1e-4"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalegpt.train.config import load_config
+from scalegpt.train.config.loading import load_config
 from scalegpt.train.data.mixture import Mixture, Stage, describe
 from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Schedule
@@ -160,6 +160,7 @@ def staged_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return run
 
 
+@pytest.mark.slow
 def test_a_staged_wsd_run_draws_and_steps_as_configured(staged_run: Path, prepared: Path) -> None:
     rows = {m["step"]: m for m in metrics(staged_run) if m["step"]}
     peak = load_config(SMOKE).optim.lr
@@ -173,6 +174,7 @@ def test_a_staged_wsd_run_draws_and_steps_as_configured(staged_run: Path, prepar
     assert rows[7]["drawn/arithmetic"] > 0 and all(rows[s]["drawn/arithmetic"] == 0 for s in (8, 9, 10))
 
 
+@pytest.mark.slow
 def test_resume_across_a_stage_boundary_is_exact(staged_run: Path, prepared: Path, tmp_path: Path) -> None:
     resumed = fork_run(staged_run, tmp_path / "resumed", 5)
     train(resumed, prepared, *TEN_STEPS, *STAGED)
@@ -181,6 +183,7 @@ def test_resume_across_a_stage_boundary_is_exact(staged_run: Path, prepared: Pat
     assert [got[s] for s in got] == [want[s] for s in got]  # bit for bit
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_across_a_stage_boundary(staged_run: Path, prepared: Path, tmp_path: Path) -> None:
     two = tmp_path / "two"
     train(two, prepared, *TEN_STEPS, *STAGED, procs=2)

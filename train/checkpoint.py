@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import Config, from_yaml_text
+from .config.schema import Config, from_yaml_text
 from .errors import UserError
 from .osutil import atomic_write
 from .rundir import CHECKPOINTS, CONFIG, LATEST, TOKENIZER

@@ -18,7 +18,8 @@ import torch
 
 from ..model import GPT
 from ..model.flops import count_params
-from .config import Config, global_batch
+from .config.schema import Config
+from .config.validation import global_batch
 from .errors import UserError
 from .osutil import free_port
 

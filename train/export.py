@@ -24,11 +24,11 @@ from tokenizers import Tokenizer
 from ..model import GPT
 from ..model.generate import generate
 from ..model.hf import Unmappable, to_hf
-from .config import Config, to_yaml
+from .config.schema import Config, to_yaml
 from .data.tokenizer import EOT, eot_id
 from .errors import UserError, check_writable_dir
-from .inference import load_for_inference
 from .rundir import CONFIG, TOKENIZER
+from .weights import load_for_inference
 
 LOGIT_TOLERANCE = 1e-4
 """Largest |logit difference| between transformers' fp32 forward and ours that an export may show."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,19 +20,22 @@ import torch.distributed as dist
 from ..model import build_model
 from ..model.flops import peak_flops_for
 from . import checkpoint as ckpt
-from .config import Config, load_config, to_yaml
+from .config.loading import load_config
+from .config.schema import Config, to_yaml
+from .config.validation import global_batch
+from .data.mixture import Mixture
+from .data.steps import rank_indices
 from .engine import (
     DistEnv,
     build_engine,
     compiled_ops_note,
     deepspeed_config,
     dist_kwargs,
-    global_batch,
     init_distributed,
     resolve_device,
 )
 from .errors import SharedUserError, UserError, check_writable_dir
-from .inference import check_source_tokenizer, model_from_state, resolve, source_state_dict
+from .evaluation.probe import FewshotProbe
 from .lifeline import watch_launcher
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
@@ -40,9 +43,7 @@ from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog
 from .rundir import CONFIG, TOKENIZER, Hold, check_same_experiment, take
 from .rundir import run_dir_differences as run_dir_differences  # launch/ladder.py imports it from here, for now
 from .schedule import Cadence, Schedule
-
-if TYPE_CHECKING:
-    from .data.mixture import Mixture
+from .weights import check_source_tokenizer, model_from_state, resolve, source_state_dict
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -145,8 +146,6 @@ class Validator:
         self.cadence = Cadence(cfg.eval.every, at_end=bool(cfg.eval.every))
         self.probe = None
         if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
-            from .evaluation.probe import FewshotProbe
-
             self.probe = FewshotProbe.for_run(run_dir, cfg.model.n_ctx)
 
     def should_evaluate(self, step: int, *, last: bool) -> bool:
@@ -191,8 +190,6 @@ class Trainer:
     (validator, checkpointer, step log) each decide when they are due."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
-        from .data.mixture import Mixture
-
         self.cfg, self.env = cfg, env
         self.console = Console(env.is_main)
         self.run_dir = Path(cfg.run.dir)
@@ -309,8 +306,6 @@ class Trainer:
     def _rank_indices(self, samples: int, batch: int) -> list[int]:
         """This rank's sample indices for the step starting at global sample `samples` (`scalegpt inspect`
         calls the same function)."""
-        from .data.steps import rank_indices
-
         micro, world = self.cfg.train.micro_batch, self.env.world_size
         return rank_indices(samples, batch, micro_batch=micro, world_size=world, rank=self.env.rank)
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.flops import mfu
-from .config import Config, to_yaml
+from .config.schema import Config, to_yaml
 from .evaluation.report import epochs_elapsed
 from .recovery import Spike, SpikeDetector
 from .rundir import METRICS, trim_metrics

@@ -61,7 +61,7 @@ from typing import Any
 import psutil
 from omegaconf import OmegaConf
 
-from .config import Config, read_config_file
+from .config.schema import Config, read_config_file
 from .errors import UserError
 from .lifeline import process_started
 from .osutil import atomic_write

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config, global_batch
+from .config.schema import Config
+from .config.validation import global_batch
 from .errors import UserError
 
 

@@ -33,7 +33,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made, so `scalegpt prepare` starts faster
     import torch
 
-    from ..config import Config
+    from ..config.schema import Config
 
 from ..errors import UserError
 from .tokenizer import file_sha256, load_tokenizer, tokenizer_hash

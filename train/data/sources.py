@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from ..config import SourceConfig
+from ..config.schema import SourceConfig
 from ..errors import UserError
 from . import builtin, download
 from .tokenizer import split_safe

@@ -29,6 +29,7 @@ from torch import nn
 from ...model.generate import generate
 from ..data.tokenizer import EOT
 from ..errors import UserError
+from ..weights import load_for_inference
 from .fewshot import Encoder, continuation_logprobs, shared_context_logprobs
 
 try:
@@ -80,8 +81,6 @@ class ScalegptLM(_Base):
         if model is None:
             if pretrained is None:
                 raise UserError("ScalegptLM needs pretrained=<run, checkpoint or export directory> or a model")
-            from ..inference import load_for_inference
-
             if isinstance(dtype, str):
                 if dtype not in _DTYPES:
                     raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")

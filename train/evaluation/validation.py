@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..config import Config
+from ..config.schema import Config
 from ..data.mixture import Mixture, read_manifest
 from ..data.tokenizer import tokenizer_hash
 from ..errors import UserError

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...config import Config, load_config
+from ...config.loading import load_config
+from ...config.schema import Config
 from ...errors import check_writable_dir
 from ...osutil import write_json_atomic
 from ..mixture import MANIFEST, Mixture, describe

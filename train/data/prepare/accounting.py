@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ...config import Config
+from ...config.schema import Config
 from ...errors import UserError
 from .plan import Work, file_name
 from .workers import Encoded

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from ...config import Config, global_batch
+from ...config.schema import Config
+from ...config.validation import global_batch
 from ...errors import UserError
 from .. import sources as src_mod
 from ..mixture import FORMAT, check_tokenizer_file, read_manifest

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from ...config import Config
+from ...config.schema import Config
 from ...errors import UserError
 from .. import sources as src_mod
 from ..tokenizer import split_safe, train_bpe

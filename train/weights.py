@@ -1,6 +1,6 @@
-"""Find and load a trained model for inference, from whatever directory the user points at.
+"""Where weights come from: runs, checkpoints, exports and Hugging Face folders, whichever the user points at.
 
-Three layouts are accepted (the checkpoint writer fixes the first two):
+Four layouts are accepted (the checkpoint writer fixes the first two, `scalegpt export` the third):
 
 - run directory: ``RUN/config.yaml``, ``RUN/tokenizer.json``, ``RUN/checkpoints/latest`` (a tag such
   as ``step_000200``) and ``RUN/checkpoints/<tag>/``; the latest checkpoint is used.
@@ -17,8 +17,9 @@ Three layouts are accepted (the checkpoint writer fixes the first two):
   ``export --format hf`` writes one, with config.yaml beside it for the run's other settings.
 
 The same resolution serves ``model.init_from``: `source_model_config` reads only a source's shape (for
-load_config) and `source_state_dict` its weights (for the trainer). deepspeed is imported only when a
-DeepSpeed checkpoint is read, and transformers only when a Hugging Face folder is.
+load_config) and `source_state_dict` its weights (for the trainer); `load_for_inference` serves sample,
+eval and export. deepspeed is imported only when a DeepSpeed checkpoint is read, and transformers only
+when a Hugging Face folder is.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from ..model.config import ModelConfig
 from ..model.gpt import GPT
 from ..model.hf import Unmappable, config_from_hf, from_hf
 from .checkpoint import LATEST, META, checkpoint_root, find_latest
-from .config import Config, read_config_file
-from .data.tokenizer import load_tokenizer
-from .engine import pick_device  # the one owner of device choice; sample and eval import it from here
+from .config.schema import Config, read_config_file
+from .data.tokenizer import load_tokenizer, same_vocabulary
+from .engine import pick_device
 from .errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -184,7 +185,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, Tensor]:
         return _strip_prefixes({k: v.float() for k, v in _load_module_states(model_file).items()})
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than let DeepSpeed warn on stderr
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # slow to import: only here
 
     chatter = io.StringIO()  # it prints progress to stdout, which `scalegpt sample` keeps for the text
     try:
@@ -225,7 +226,7 @@ def _hf_config(folder: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _representable(folder: Path) -> Iterator[None]:
+def _unmappable_as_user_error(folder: Path) -> Iterator[None]:
     """model/hf.py's Unmappable, said as the user's error about this folder."""
     try:
         yield
@@ -234,7 +235,7 @@ def _representable(folder: Path) -> Iterator[None]:
 
 
 def _hf_model_config(folder: Path) -> ModelConfig:
-    with _representable(folder):
+    with _unmappable_as_user_error(folder):
         return config_from_hf(_hf_config(folder))
 
 
@@ -242,9 +243,9 @@ def _hf_state_dict(folder: Path) -> dict[str, Tensor]:
     """The folder's weights in our names, read by transformers (every layout it knows) and mapped by
     model/hf.py. Loading fails loudly where transformers would quietly initialize missing weights."""
     hf = _hf_config(folder)
-    with _representable(folder):
+    with _unmappable_as_user_error(folder):
         config_from_hf(hf)  # refuse what we cannot represent before reading any weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # seconds to import: only for a Hugging Face folder
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -261,7 +262,7 @@ def _hf_state_dict(folder: Path) -> dict[str, Tensor]:
             "they do not belong to its config.json"
         )
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    with _representable(folder):
+    with _unmappable_as_user_error(folder):
         return from_hf(hf, state)[1]
 
 
@@ -328,8 +329,6 @@ def check_source_tokenizer(source: str | Path, data_dir: str | Path) -> str | No
     """data_dir must be tokenized the way model.init_from's weights read text. A source without a tokenizer
     can only be checked by vocabulary size (load_config took it from the weights, the trainer compares it
     with the manifest): the returned note says so."""
-    from .data.tokenizer import load_tokenizer, same_vocabulary
-
     resolved = resolve(source)
     if resolved.tokenizer_file is None:
         return f"{source} has no tokenizer: only its vocabulary size is checked against {data_dir}"
