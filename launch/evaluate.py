@@ -28,6 +28,7 @@ from ..train.evaluation.tasks import Task, get_tasks
 from ..train.evaluation.validation import open_validation_data, validation_metrics
 from ..train.metrics import MetricsLog
 from ..train.osutil import write_json_atomic
+from ..train.rundir import METRICS
 from ..train.weights import ResolvedPath, load_for_inference, read_run_config, read_tokenizer, resolve
 
 if TYPE_CHECKING:
@@ -205,14 +206,14 @@ def _log_to_wandb(
 ) -> None:
     """A wandb run with the model's config and the eval tables (offline when no API key is set)."""
     where = Path(meta["run_dir"] or meta["weights"])
-    had_metrics = (where / "metrics.jsonl").exists()
+    had_metrics = (where / METRICS).exists()
     name = f"{cfg.run.name or where.name} eval"
     log = MetricsLog(where, replace(cfg, log=replace(cfg.log, wandb=True), run=replace(cfg.run, name=name)))
     try:
         log_eval_tables(log, results, validation)
     finally:
         log.close()
-        stray = where / "metrics.jsonl"
+        stray = where / METRICS
         if not had_metrics and stray.is_file() and stray.stat().st_size == 0:
             stray.unlink()  # MetricsLog opens one; an export directory should not gain an empty file
     print(f"logged the tables to wandb run {name!r} (files under {where / 'wandb'})", file=sys.stderr)

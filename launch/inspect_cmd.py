@@ -11,7 +11,6 @@ ranges come from its skipped.json (through the trainer's SkipLog); a run without
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
 from ..train.errors import UserError, check_writable_file
 from ..train.osutil import write_json_atomic
 from ..train.recovery import SkipLog
+from ..train.rundir import CONFIG, TOKENIZER, metrics_rows
 from ..train.schedule import Schedule, run_totals
 
 EXACT_LIMIT = 1 << 21
@@ -65,9 +65,9 @@ def open_target(spec: str, overrides: list[str]) -> Target:
     """A run directory (its config.yaml and skipped ranges) or a run config, with the overrides applied."""
     path = Path(spec)
     if path.is_dir():
-        config = path / "config.yaml"
+        config = path / CONFIG
         if not config.is_file():
-            raise UserError(f"{path} has no config.yaml; pass a run directory that has started, or a run config")
+            raise UserError(f"{path} has no {CONFIG}; pass a run directory that has started, or a run config")
         return Target(load_config(config, overrides), path, SkipLog(path))
     return Target(load_config(spec, overrides), None, None)
 
@@ -79,14 +79,9 @@ def _world_size(target: Target, asked: int | None) -> int:
         if asked < 1:
             raise UserError(f"--world-size must be at least 1, got {asked}")
         return asked
-    metrics = target.run_dir / "metrics.jsonl" if target.run_dir else None
-    if metrics is not None and metrics.is_file():
-        for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
-            try:
-                return int(json.loads(line)["world_size"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-    return 1
+    rows = metrics_rows(target.run_dir)[0] if target.run_dir else []
+    sizes = [row["world_size"] for row in rows if isinstance(row.get("world_size"), int)]
+    return sizes[-1] if sizes else 1
 
 
 def step_indices(span: StepSpan, *, micro_batch: int, world_size: int) -> list[int]:
@@ -206,7 +201,7 @@ def inspect_steps(target: Target, first: int, stop: int, *, world_size: int, sho
     """The report: per-source counts and shares over steps first..stop-1, and `show` decoded samples."""
     cfg = target.cfg
     _check_range(cfg, first, stop)
-    tok_file = (target.run_dir or Path(cfg.data.dir)) / "tokenizer.json"
+    tok_file = (target.run_dir or Path(cfg.data.dir)) / TOKENIZER
     tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else None
     expect = tokenizer_hash(tokenizer) if tokenizer is not None and target.run_dir is not None else None
     mixture = Mixture.for_config(cfg, tokenizer_hash=expect)

@@ -32,10 +32,12 @@ from typing import Literal
 import psutil
 
 from ..train.config.loading import load_config
-from ..train.config.schema import Config, read_config_file
+from ..train.config.schema import Config
 from ..train.config.validation import global_batch
 from ..train.errors import QUIET_INTERRUPT, UserError, check_writable_dir
+from ..train.lifeline import launcher_mark
 from ..train.osutil import atomic_write, free_port, port_taken
+from ..train.rundir import SBATCH, check_free, check_same_experiment
 
 Mode = Literal["procs", "gpus", "hostfile", "slurm"]
 TEMPLATES = Path(__file__).with_name("templates")
@@ -321,19 +323,13 @@ def build_launch(args: argparse.Namespace, cfg: Config, overrides: list[str]) ->
 
 
 # -- running --------------------------------------------------------------------------------------------
-def _check_run_dir(cfg: Config) -> None:
-    """A queued job should not wait hours to find that its run directory holds another experiment."""
-    # start-up: train.loop loads torch and DeepSpeed, which the launcher itself never needs
-    from ..train.loop import config_differences
-
-    existing = Path(cfg.run.dir) / "config.yaml"
-    if existing.is_file():
-        diffs = config_differences(read_config_file(existing), cfg)
-        if diffs:
-            raise UserError(
-                f"run.dir {cfg.run.dir} was made with a different config ({'; '.join(diffs[:4])}); "
-                "use a new run.dir, or remove the old one"
-            )
+def _check_run_dir(cfg: Config, *, free: bool) -> None:
+    """A queued job should not wait hours to find that its run directory holds another experiment; with
+    `free`, a job that starts now should not wait for its ranks to find another job holding it (its
+    rank 0 takes the hold: see train/rundir.py)."""
+    check_same_experiment(Path(cfg.run.dir), cfg)
+    if free:
+        check_free(Path(cfg.run.dir))
 
 
 def submit(script: str, cfg: Config) -> int:
@@ -342,7 +338,7 @@ def submit(script: str, cfg: Config) -> int:
 
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "sbatch.sh"
+    path = run_dir / SBATCH
     atomic_write(path, script)
     path.chmod(0o755)
     sbatch = shutil.which("sbatch")
@@ -380,12 +376,12 @@ def launch_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(launch.printable(), end="" if launch.script is not None else "\n", flush=True)
         if launch.script is not None:
-            where = Path(cfg.run.dir).resolve() / "sbatch.sh"
+            where = Path(cfg.run.dir).resolve() / SBATCH
             print(f"scalegpt: dry run: would write {where} and submit it with sbatch", file=sys.stderr)
         return 0
     if mode != "hostfile":  # on this machine (or, for SLURM, where the script goes); a hostfile's nodes may differ
         check_writable_dir(cfg.run.dir, "run.dir")  # here, not in every rank after minutes in a queue
-        _check_run_dir(cfg)
+        _check_run_dir(cfg, free=launch.script is None)  # a script may queue behind the job that holds it
     if launch.script is not None:
         return submit(launch.script, cfg)
     if mode == "gpus":
@@ -402,7 +398,8 @@ def run(launch: Launch) -> int:
     DeepSpeed's launcher, interrupted itself, prints a traceback per process. This one passes the
     interrupt to the ranks and waits for them, so none outlives the command."""
     print(f"scalegpt: launching: {launch.printable()}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env, QUIET_INTERRUPT: "1"}, process_group=0)
+    env = {**os.environ, **launch.env, QUIET_INTERRUPT: "1", **launcher_mark()}  # the ranks die with this process
+    proc = subprocess.Popen(launch.argv, env=env, process_group=0)
     try:
         return _wait(proc)
     except KeyboardInterrupt:

@@ -10,7 +10,6 @@ object API with the Agg canvas is used, so no display and no global backend stat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from ..train.data.mixture import Mixture
 from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
 from ..train.errors import UserError, check_writable_dir
 from ..train.osutil import atomic_path
+from ..train.rundir import CONFIG, CURVES, METRICS, TOKENIZER, read_metrics
 
 PANELS = (
     "loss",
@@ -37,30 +37,6 @@ PANELS = (
 """Axes titles, in the figure's reading order."""
 
 _MAX_EPOCH_POINTS = 200
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl's records, one per step (a resumed run logs some steps twice: the later record,
-    from the run that continued, wins), sorted by step; and how many unreadable lines were skipped
-    (a line being written when the file was read, for one)."""
-    path = run_dir / "metrics.jsonl"
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory that has trained")
-    by_step: dict[int, dict[str, Any]] = {}
-    bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1
-    if not by_step:
-        raise UserError(f"{path} holds no metrics yet; plot again once the run has logged a step")
-    return [by_step[s] for s in sorted(by_step)], bad
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -103,13 +79,13 @@ def epochs_by_source(
     run_dir: Path, records: list[dict[str, Any]], data_dir: str | Path | None = None
 ) -> tuple[dict[str, tuple[list[int], list[float]]] | None, str]:
     """Per source, (steps, epochs elapsed) from the prepared data; or None and why not."""
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / CONFIG
     if not config_file.is_file():
-        return None, f"no config.yaml in {run_dir}"
+        return None, f"no {CONFIG} in {run_dir}"
     cfg = read_config_file(config_file)
     where = Path(data_dir if data_dir is not None else cfg.data.dir)
     try:
-        expect = tokenizer_hash(load_tokenizer(run_dir / "tokenizer.json"))
+        expect = tokenizer_hash(load_tokenizer(run_dir / TOKENIZER))
         mixture = Mixture.for_config(cfg, data_dir=where, tokenizer_hash=expect)  # the run's weights and stages
     except UserError as exc:
         return None, f"epochs need the run's prepared data: {exc}"
@@ -189,7 +165,7 @@ def plot_run(run_dir: str | Path, *, data_dir: str | Path | None = None) -> tupl
     """The figure of a run's curves (axes titled as PANELS) and notes on what could not be drawn."""
     run = Path(run_dir)
     records, bad = read_metrics(run)
-    notes = [f"skipped {bad} unreadable line(s) of metrics.jsonl"] if bad else []
+    notes = [f"skipped {bad} unreadable line(s) of {METRICS}"] if bad else []
     last = records[-1]
     fig, axes = _blank_figure(f"{run.name}: step {last['step']:,}, {last.get('tokens', 0):,} tokens")
     names = _sources(records, "val_loss/")
@@ -216,7 +192,7 @@ def save_png(fig: Figure, out: Path) -> None:
 
 def output_path(args: argparse.Namespace) -> Path:
     """--out, else RUN_DIR/curves.png, checked before any work."""
-    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
+    out = Path(args.out) if args.out else Path(args.run_dir) / CURVES
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a .png file name")
     check_writable_dir(out.parent, f"--out {out}: folder")

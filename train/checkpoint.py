@@ -34,11 +34,11 @@ import torch.distributed as dist
 from .config.schema import Config, from_yaml_text
 from .errors import UserError, is_disk_full
 from .osutil import atomic_write
+from .rundir import CHECKPOINTS, CONFIG, LATEST, TOKENIZER
 from .schedule import Cadence
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
 META = "scalegpt.json"  # written last, by rank 0, after every rank saved: its presence marks a complete save
-LATEST = "latest"
 
 
 @dataclass
@@ -64,7 +64,7 @@ def step_of(tag: str) -> int | None:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -172,10 +172,10 @@ def save(
         ) from exc
     dist.barrier()
     if rank == 0:
-        (path / "config.yaml").write_text(config_yaml)
-        tok = run_dir / "tokenizer.json"
+        (path / CONFIG).write_text(config_yaml)
+        tok = run_dir / TOKENIZER
         if tok.is_file():
-            shutil.copyfile(tok, path / "tokenizer.json")
+            shutil.copyfile(tok, path / TOKENIZER)
         atomic_write(path / META, json.dumps({**asdict(state), "world_size": world_size, **meta}, indent=1))
         write_latest(run_dir, state.step)
         _prune(run_dir, cfg.checkpoint.keep)
@@ -275,7 +275,7 @@ def _check_rng(state: dict[str, torch.Tensor]) -> None:
 
 def check_compatible(path: Path, cfg: Config, meta: dict[str, Any], tokenizer_hash: str, manifest_hash: str) -> None:
     """Resuming with a different model shape, tokenizer or data is an error naming what differs."""
-    saved_cfg = from_yaml_text((path / "config.yaml").read_text())
+    saved_cfg = from_yaml_text((path / CONFIG).read_text())
     diffs = [
         f"model.{k}: checkpoint {getattr(saved_cfg.model, k)!r}, now {getattr(cfg.model, k)!r}"
         for k in vars(cfg.model)

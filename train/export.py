@@ -32,6 +32,7 @@ from ..model.hf import Unmappable, to_hf
 from .config.schema import Config, to_yaml
 from .data.tokenizer import EOT, eot_id
 from .errors import Terminated, UserError, check_writable_dir, disk_full_is_a_user_error, sigterm_raises
+from .rundir import CONFIG, TOKENIZER
 from .weights import load_for_inference
 
 LOGIT_TOLERANCE = 1e-4
@@ -60,8 +61,8 @@ def write_safetensors(out: Path, model: GPT, cfg: Config, tokenizer_json: str) -
     """Our parameter names, fp32, with the resolved config and the tokenizer beside them."""
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": "scalegpt"})
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    (out / "tokenizer.json").write_text(tokenizer_json)
+    (out / CONFIG).write_text(to_yaml(cfg))
+    (out / TOKENIZER).write_text(tokenizer_json)
 
 
 def write_hf(out: Path, model: GPT, cfg: Config, tokenizer: Tokenizer) -> str:
@@ -74,12 +75,12 @@ def write_hf(out: Path, model: GPT, cfg: Config, tokenizer: Tokenizer) -> str:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=2))
-    (out / "tokenizer.json").write_text(tokenizer.to_str())
+    (out / TOKENIZER).write_text(tokenizer.to_str())
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.n_ctx, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (out / "config.yaml").write_text(to_yaml(cfg))  # the run's other settings, for scalegpt sample/eval
+    (out / CONFIG).write_text(to_yaml(cfg))  # the run's other settings, for scalegpt sample/eval
     return str(config["architectures"][0])
 
 

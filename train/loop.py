@@ -21,7 +21,7 @@ from ..model import build_model
 from ..model.flops import peak_flops_for
 from . import checkpoint as ckpt
 from .config.loading import load_config
-from .config.schema import Config, read_config_file, to_yaml
+from .config.schema import Config, to_yaml
 from .config.validation import global_batch
 from .data.checksum import verify as verify_token_files
 from .data.mixture import Mixture
@@ -38,33 +38,13 @@ from .engine import (
 )
 from .errors import SharedUserError, UserError, check_writable_dir
 from .evaluation.probe import FewshotProbe
+from .lifeline import watch_launcher
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
 from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog, peer_lost, say_peer_lost
+from .rundir import CONFIG, TOKENIZER, Hold, check_same_experiment, take
 from .schedule import Cadence, Schedule
 from .weights import check_source_tokenizer, model_from_state, resolve, source_state_dict
-
-# Keys that may change between a run directory's first start and a resume; anything else differing
-# means a different experiment, which belongs in a different run directory.
-RESUMABLE_CHANGES = (
-    "run.dir",
-    "train.max_steps",
-    "train.micro_batch",
-    "train.compile",
-    "train.activation_checkpointing",
-    "train.overlap_comm",
-    "train.contiguous_gradients",
-    "train.dist_timeout_minutes",
-    "train.on_spike",  # a run that stopped at a spike may continue with a rewind
-    "train.spike_",
-    "train.inject_fault",
-    "train.step_timeout_s",
-    "data.num_proc",
-    "run.name",
-    "checkpoint.",
-    "log.",
-    "eval.",
-)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -74,36 +54,33 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # sources, stages: name the item
-            out.update(_flatten({str(i): x for i, x in enumerate(v)}, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def on_main(env: DistEnv, work: Callable[[], Any]) -> Any:
+    """Rank 0 does `work` (its result is rank 0's alone); every rank waits for it and raises its error, so
+    all agree before going on."""
+    error, result = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise SharedUserError(error)
+    return result
 
 
-def config_differences(old: Config, new: Config) -> list[str]:
-    from omegaconf import OmegaConf
+def hold_run_dir(cfg: Config, env: DistEnv) -> Hold | None:
+    """Rank 0 holds the run directory for the job (see train/rundir.py); a live holder stops every rank
+    before anything is written. The other ranks hold nothing."""
 
-    a = _flatten(OmegaConf.to_container(OmegaConf.structured(old)))  # type: ignore[arg-type]
-    b = _flatten(OmegaConf.to_container(OmegaConf.structured(new)))  # type: ignore[arg-type]
-    keys = sorted(set(a) | set(b))
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in keys
-        if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)
-    ]
+    def work() -> Hold:
+        what = "scalegpt train" + (f", rank 0 of {env.world_size}" if env.world_size > 1 else "")
+        hold = take(Path(cfg.run.dir), what)
+        if hold.note:
+            print(f"scalegpt: note: {hold.note}", flush=True)
+        return hold
 
-
-def run_dir_differences(run_dir: Path, cfg: Config) -> list[str]:
-    """How `cfg` differs from the config a run directory was made with (none when it holds no run yet);
-    each caller words its own refusal."""
-    existing = run_dir / "config.yaml"
-    return config_differences(read_config_file(existing), cfg) if existing.is_file() else []
+    return on_main(env, work)
 
 
 def engine_step(
@@ -270,8 +247,10 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         metrics = MetricsLog(self.run_dir, cfg) if env.is_main else None
-        if metrics is not None and resume is not None:
-            metrics.truncate(self.state.step)  # the steps after the checkpoint are trained (and logged) again
+        if metrics is not None:
+            # Rows past the state this run starts from are of steps it trains (and logs) again; at step 0
+            # that is every row, the step-0 evaluation included.
+            metrics.truncate(self.state.step if self.state.step else -1)
         self.validator = Validator(cfg, env, self.mixture, self.run_dir)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.log = StepLog(
@@ -313,32 +292,17 @@ class Trainer:
         if line is not None:
             self.console.print(f"scalegpt: {line}")
 
-    def _on_main(self, work: Any) -> None:
-        """Rank 0 does `work`; every rank waits for it and raises its error, so all agree on the run
-        directory before training starts."""
-        error = None
-        if self.env.is_main:
-            try:
-                work()
-            except UserError as exc:
-                error = str(exc)
-        error = broadcast_object(error)
-        if error:
-            raise SharedUserError(error)
+    def _on_main(self, work: Callable[[], Any]) -> None:
+        on_main(self.env, work)
 
     def _check_run_dir(self) -> None:
         """The run directory must hold this experiment, or none."""
-        diffs = run_dir_differences(self.run_dir, self.cfg)
-        if diffs:
-            raise UserError(
-                f"run.dir {self.run_dir} was made with a different config ({'; '.join(diffs[:4])}); "
-                "use a new run.dir, or remove the old one"
-            )
+        check_same_experiment(self.run_dir, self.cfg)
 
     def _write_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.yaml", self.config_yaml)
-        shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        atomic_write(self.run_dir / CONFIG, self.config_yaml)
+        shutil.copyfile(Path(self.cfg.data.dir) / TOKENIZER, self.run_dir / TOKENIZER)
 
     def _plan_resume(self) -> ckpt.Resume | None:
         """The checkpoint to continue from, verified before the model is built. Another world size needs
@@ -588,17 +552,22 @@ def dry_run(cfg: Config) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    watch_launcher()  # first: a rank whose launcher died while it started up must not go on
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "dry_run", False):
         return dry_run(cfg)
     check_writable_dir(cfg.run.dir, "run.dir")
     env = init_distributed(cfg)
+    hold = None
     try:
+        hold = hold_run_dir(cfg, env)
         return Trainer(cfg, env).fit()
     except Exception as exc:
         if env.world_size < 2 or not peer_lost(exc):
             raise
         return say_peer_lost(exc, env.rank)
     finally:
+        if hold is not None:
+            hold.release()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from ..model.flops import mfu
 from .config.schema import Config, to_yaml
 from .evaluation.report import epochs_elapsed
-from .osutil import atomic_write
 from .recovery import Spike, SpikeDetector
+from .rundir import METRICS, trim_metrics
 from .schedule import Cadence
 
 if TYPE_CHECKING:
@@ -31,29 +31,17 @@ class MetricsLog:
     Only rank 0 constructs one; other ranks hold None."""
 
     def __init__(self, run_dir: Path, cfg: Config) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir, self.path = run_dir, run_dir / METRICS
         self._file = open(self.path, "a", buffering=1)
         self._wandb: Any = None
         if cfg.log.wandb:
             self._wandb = _start_wandb(run_dir, cfg)
 
-    def truncate(self, step: int, *, replace: dict[str, Any] | None = None) -> None:
-        """Keep only the rows of steps up to `step` (a resume or a rewind continues after it, so no step is
-        logged twice); with `replace`, that step's row is merged with it instead of kept as it was."""
+    def truncate(self, through: int, *, replace: dict[str, Any] | None = None) -> None:
+        """Keep only the rows of steps up to `through` (-1: none), so that no step is logged twice when a
+        resume or a rewind trains steps again; with `replace`, that step's row is merged with it."""
         self._file.close()
-        kept: list[dict[str, Any]] = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-                if int(row["step"]) < step or (int(row["step"]) == step and replace is None):
-                    kept.append(row)
-                elif int(row["step"]) == step:
-                    replace = {**row, **replace}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a line cut short by a kill
-        if replace is not None:
-            kept.append({"step": step, **replace})
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        trim_metrics(self.run_dir, through, replace=replace)
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:

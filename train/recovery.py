@@ -21,11 +21,10 @@ from typing import Any
 
 from .errors import UserError
 from .osutil import atomic_write
+from .rundir import FAULTS, SKIPPED
 
 FAULT_KINDS = ("nan", "spike", "crash", "hang")
 SPIKE_FACTOR = 1000.0  # how much a spike@STEP drill multiplies that step's loss (and so its gradients)
-SKIPPED = "skipped.json"
-FAULTS = "faults.json"
 
 
 @dataclass(frozen=True)

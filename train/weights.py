@@ -41,11 +41,12 @@ from torch import Tensor
 from ..model.config import ModelConfig
 from ..model.gpt import GPT
 from ..model.hf import Unmappable, config_from_hf, from_hf
-from .checkpoint import LATEST, META, checkpoint_root, find_latest
+from .checkpoint import META, checkpoint_root, find_latest
 from .config.schema import Config, read_config_file
 from .data.tokenizer import load_tokenizer, same_vocabulary
 from .engine import pick_device
 from .errors import UserError
+from .rundir import CONFIG, LATEST, TOKENIZER
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -113,10 +114,10 @@ def resolve(path: str | Path) -> ResolvedPath:
         raise UserError(f"{p} is a file; {_WHAT_TO_PASS}")
     run_dir: Path | None
     if (p / HF_CONFIG).is_file():
-        tokenizer = _first_file("tokenizer.json", p)
+        tokenizer = _first_file(TOKENIZER, p)
         if tokenizer is None and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
             tokenizer = p
-        return ResolvedPath("hf", p, _first_file("config.yaml", p), tokenizer)
+        return ResolvedPath("hf", p, _first_file(CONFIG, p), tokenizer)
     if (p / EXPORT_WEIGHTS).is_file():
         kind, weights, run_dir = "export", p, None
     elif _is_checkpoint(p):
@@ -130,11 +131,11 @@ def resolve(path: str | Path) -> ResolvedPath:
         raise UserError(f"{p} is not a run, checkpoint or export directory; {_WHAT_TO_PASS}")
     if kind != "export" and not _is_checkpoint(weights):
         raise UserError(f"{weights} is not a DeepSpeed checkpoint: it has no {MODEL_STATES}")
-    config_file = _first_file("config.yaml", weights, run_dir)
+    config_file = _first_file(CONFIG, weights, run_dir)
     if config_file is None:
         where = weights if run_dir is None else f"{weights} or {run_dir}"
         raise UserError(f"no config.yaml in {where}; the model's shape cannot be rebuilt without it")
-    return ResolvedPath(kind, weights, config_file, _first_file("tokenizer.json", weights, run_dir), run_dir)
+    return ResolvedPath(kind, weights, config_file, _first_file(TOKENIZER, weights, run_dir), run_dir)
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -332,7 +333,7 @@ def check_source_tokenizer(source: str | Path, data_dir: str | Path) -> str | No
     resolved = resolve(source)
     if resolved.tokenizer_file is None:
         return f"{source} has no tokenizer: only its vocabulary size is checked against {data_dir}"
-    if not same_vocabulary(read_tokenizer(resolved), load_tokenizer(Path(data_dir) / "tokenizer.json")):
+    if not same_vocabulary(read_tokenizer(resolved), load_tokenizer(Path(data_dir) / TOKENIZER)):
         raise UserError(
             f"{data_dir} was prepared with a different tokenizer than the weights of model.init_from {source}; "
             f"set data.tokenizer to {source} (or the tokenizer they were trained with) and run `scalegpt prepare` "

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ...train.checkpoint import find_latest
-from ..plot import read_metrics
+from ...train.rundir import SBATCH, metrics_rows
 from .plan import RungInfo
 
 LADDER_JSON = "ladder.json"
@@ -52,12 +52,12 @@ def outcome(ladder_dir: Path, info: RungInfo) -> Outcome:
     run_dir = ladder_dir / info.dir
     latest = find_latest(run_dir)
     step = latest.step if latest is not None and latest.complete and latest.step is not None else 0
-    records = read_metrics(run_dir)[0] if (run_dir / "metrics.jsonl").is_file() and step else []
+    records = metrics_rows(run_dir)[0] if step else []
     curve = [(int(r["tokens"]), float(r["val_loss"])) for r in records if _num(r.get("val_loss")) and r.get("tokens")]
     final = next((r for r in records if r["step"] == info.steps), {})
     if step >= info.steps:
         status: Status = "done"
-    elif (run_dir / "sbatch.sh").is_file():
+    elif (run_dir / SBATCH).is_file():
         status = "submitted"
     else:
         status = "partial" if step else "new"

@@ -4,6 +4,7 @@ options, after refusing a rung directory that another config made."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from typing import Any
 
 from ...train.config.schema import Config
 from ...train.errors import UserError
-from ...train.loop import run_dir_differences
+from ...train.lifeline import launcher_mark
+from ...train.rundir import check_same_experiment
 from ..launcher import forward_stop_signals, launch_command
 from ..options import Parser, add_launch_parser
 from .plan import LadderPlan, Rung
@@ -23,12 +25,12 @@ def check_rung_config(rung: Rung, ladder_dir: Path) -> None:
     """A rung directory made with another config is another experiment: refuse it before the ladder
     counts it as done or resumes it, as the trainer itself would."""
     rung_dir = ladder_dir / rung.info.dir
-    diffs = run_dir_differences(rung_dir, rung.cfg)
-    if diffs:
-        raise UserError(
-            f"rung {rung_dir} was made with a different config ({'; '.join(diffs[:3])}); give this "
-            "ladder another run.dir, or remove that rung directory to train it again"
-        )
+    check_same_experiment(
+        rung_dir,
+        rung.cfg,
+        name=f"rung {rung_dir}",
+        fix="give this ladder another run.dir, or remove that rung directory to train it again",
+    )
 
 
 # -- running a rung ----------------------------------------------------------------------------------------
@@ -37,7 +39,7 @@ def _run_local(config: str, overrides: list[str]) -> int:
     go on to it, so it saves a checkpoint and stops; the ladder then stops after it."""
     argv = [sys.executable, "-m", "scalegpt", "train", config, *overrides]
     print(f"scalegpt: ladder: {shlex.join(['scalegpt', *argv[3:]])}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env={**os.environ, **launcher_mark()})  # a killed ladder takes its rung with it
     try:
         with forward_stop_signals(proc.send_signal):
             return proc.wait()

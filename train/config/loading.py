@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ...model.config import ModelConfig
 from ..errors import UserError
+from ..rundir import CONFIG
 from .schema import Config, read_config_file
 from .validation import problems
 
@@ -184,7 +185,7 @@ def _source_shape(source: str, merged: DictConfig) -> ModelConfig:
     try:
         return source_model_config(resolve(source))
     except UserError as exc:
-        saved = Path(str(merged.run.dir)) / "config.yaml"
+        saved = Path(str(merged.run.dir)) / CONFIG
         if saved.is_file():
             old = read_config_file(saved).model
             if old.init_from == source:

@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from torch import nn
 
+from ..rundir import TOKENIZER
 from .fewshot import FEW, Encoder, TaskPlan, plan_task, run_setting
 from .tasks import get_tasks
 
@@ -47,7 +48,7 @@ class FewshotProbe:
     @classmethod
     def for_run(cls, run_dir: str | Path, n_ctx: int) -> FewshotProbe:
         """The probe for a run directory, with the tokenizer the trainer copied there."""
-        return cls(Tokenizer.from_file(str(Path(run_dir) / "tokenizer.json")), n_ctx)
+        return cls(Tokenizer.from_file(str(Path(run_dir) / TOKENIZER)), n_ctx)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
