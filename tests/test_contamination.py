@@ -22,9 +22,12 @@ from scalegpt.launch.cli import main
 from scalegpt.model import GPT
 from scalegpt.train.config import load_config, to_yaml
 from scalegpt.train.data.builtin import prose_document
+from scalegpt.train.data.curation import DecontaminateConfig
 from scalegpt.train.data.mixture import read_manifest
+from scalegpt.train.data.ngrams import WHOLE, example_grams, gram_hashes, paper_n, word_spans, words
+from scalegpt.train.data.prepare.decontaminate import Decontaminator
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
-from scalegpt.train.evaluation.contamination import INDEX_DIR, WHOLE, example_grams, gram_hashes, paper_n, words
+from scalegpt.train.evaluation.contamination import INDEX_DIR
 from scalegpt.train.evaluation.fewshot import episodes, plan_tasks, run_plans
 from scalegpt.train.evaluation.tasks import TASKS, Example
 from scalegpt.train.inference import load_for_inference
@@ -175,7 +178,10 @@ def run_eval(world: World, *extra: str, out: Path) -> dict:
 
 def test_words_are_appendix_c_words() -> None:
     assert words("Q: What is 12 plus 7? A: 19") == ["q", "what", "is", "12", "plus", "7", "a", "19"]
-    assert words("Don't  STOP\tme-now_ok.") == ["dont", "stop", "menowok"]
+    assert words("Don't  STOP\tme-now_ok. -- !") == ["dont", "stop", "menowok"]
+    text = "Q: What is 12 plus 7? A: 19"
+    ws, spans = word_spans(text)
+    assert ws == words(text) and [text[a:b] for a, b in spans][-2:] == ["A:", "19"]
 
 
 def test_paper_n_is_the_5th_percentile_between_8_and_13() -> None:
@@ -304,3 +310,124 @@ def test_table_reads_like_table_c1(world: World, tmp_path: Path, capsys: pytest.
         cells = re.split(r"\s{2,}", line.strip())
         assert cells[0] == row["task"] and cells[3] == f"{100 * row['dirty_fraction']:.1f}%"
         assert cells[5] == f"{100 * row['clean_accuracy']:.1f}%"
+
+
+# --- decontamination (scalegpt prepare) -----------------------------------------------------------------
+
+
+def _cut(doc: str, **settings: int) -> tuple[list[str], Decontaminator]:
+    step = Decontaminator.of(DecontaminateConfig(tasks=["reverse"], num_examples=NUM, **settings), "test")
+    assert step is not None
+    return step.cut(doc), step
+
+
+def test_a_match_removes_its_window_and_short_pieces() -> None:
+    line = queries("reverse")[0].line
+    before, after = " ".join(f"w{i:03d}" for i in range(100)), " ".join(f"z{i:03d}" for i in range(100))
+    doc = f"{before}\n{line}\n{after}"
+    pieces, step = _cut(doc)
+    assert len(pieces) == 2 and pieces[0] == doc[: len(pieces[0])] and pieces[1] == doc[-len(pieces[1]) :]
+    start, end = doc.index(line), doc.index(line) + len(line)
+    assert start - 200 - 5 <= len(pieces[0]) <= start - 200  # 200 characters, widened to a whole word
+    assert end + 200 <= len(doc) - len(pieces[1]) <= end + 200 + 5
+    assert all(set(p.split()) <= set(doc.split()) for p in pieces)  # whole words only
+    assert step.stats.matches == 1 and step.stats.touched == 1 and step.stats.pieces == 2
+
+    near_start = f"a few words\n{line}\n{after}"  # the first piece is under 200 characters: dropped
+    pieces, step = _cut(near_start)
+    assert len(pieces) == 1 and near_start.endswith(pieces[0]) and "few" not in pieces[0]
+    assert step.stats.pieces == 1 and step.stats.dropped == 0
+    assert _cut(doc, window=0, min_piece=0)[0] == [before, after]
+
+
+def test_a_document_in_more_than_max_pieces_pieces_is_dropped() -> None:
+    lines = [q.line for q in queries("reverse")[:4]]
+    filler = [" ".join(f"f{j}x{i:03d}" for i in range(10)) for j in range(5)]
+    doc = "\n".join(x for pair in zip(filler, [*lines, ""], strict=True) for x in pair).strip()
+    assert _cut(doc, window=0, min_piece=0)[0] == filler
+    pieces, step = _cut(doc, window=0, min_piece=0, max_pieces=4)
+    assert pieces == [] and step.stats.dropped == 1
+
+
+def test_decisions_are_per_document() -> None:
+    docs = planted_documents()
+    step = Decontaminator.of(DecontaminateConfig(tasks=list(TASK_NAMES), num_examples=NUM), "test")
+    assert step is not None
+    forward = [step.cut(d) for d in docs]
+    shuffled = list(range(len(docs)))
+    random.Random(0).shuffle(shuffled)
+    again = Decontaminator.of(DecontaminateConfig(tasks=list(TASK_NAMES), num_examples=NUM), "test")
+    assert again is not None
+    by_index = {i: again.cut(docs[i]) for i in shuffled}
+    assert [by_index[i] for i in range(len(docs))] == forward
+    assert sum(p != [d] for p, d in zip(forward, docs, strict=True)) > len(PLANT["mc-2D+"])
+
+
+CURATE = [
+    "data.sources.0.curation.decontaminate.tasks=[2D+,mc-2D+,3D+]",
+    "data.sources.1.curation.decontaminate.tasks=[reverse,CL,insert]",
+    f"data.sources.0.curation.decontaminate.num_examples={NUM}",
+    f"data.sources.1.curation.decontaminate.num_examples={NUM}",
+]
+SMOKE_TASKS = ["2D+", "mc-2D+", "3D+", "reverse", "cycle", "insert"]
+
+
+def test_decontaminated_smoke_mixture_has_no_dirty_query(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from e2e import SMALL_DATA, SMOKE
+
+    data = tmp_path / "data"
+    common = [f"data.dir={data}", *SMALL_DATA]
+    assert main(["prepare", SMOKE, *common]) == 0
+    export = tmp_path / "export"
+    export.mkdir()
+    cfg = load_config(SMOKE, common)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in GPT(cfg.model).state_dict().items()}, str(export / "model.safetensors"))
+    (export / "config.yaml").write_text(to_yaml(cfg))
+    shutil.copy(data / "tokenizer.json", export / "tokenizer.json")
+    argv = ["eval", str(export), "--tasks", *SMOKE_TASKS, "--shots", "0", "--num-examples", str(NUM)]
+    argv += ["--val-batches", "0", "--contamination", "--json", str(tmp_path / "r.json")]
+
+    assert main(argv) == 0
+    before = {t["task"]: t["dirty"] for t in json.loads((tmp_path / "r.json").read_text())["contamination"]["tasks"]}
+    assert before["2D+"] > 0 and before["reverse"] > 0 and before["insert"] > 0, before
+
+    prose = data / "prose.bin"
+    prose_id = (prose.stat().st_ino, prose.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert main(["prepare", SMOKE, *common, *CURATE]) == 0
+    out = capsys.readouterr().out
+    assert "preparing 2 of 3 sources" in out and "arithmetic: decontaminated: " in out
+    assert (prose.stat().st_ino, prose.stat().st_mtime_ns) == prose_id
+    manifest = read_manifest(data)
+    assert manifest is not None
+    entries = {e["name"]: e for e in manifest["sources"]}
+    for name in ("arithmetic", "scramble"):
+        stats = entries[name]["curation"]["decontaminate"]
+        assert stats["matches"] > 0 and stats["chars_kept"] < stats["chars"]
+        assert entries[name]["settings"]["curation"]["decontaminate"]["num_examples"] == NUM
+    assert entries["scramble"]["settings"]["curation"]["decontaminate"]["tasks"] == ["reverse", "cycle", "insert"]
+    assert "curation" not in entries["prose"]["settings"]
+
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())["contamination"]
+    assert {t["task"]: t["dirty"] for t in report["tasks"]} == dict.fromkeys(SMOKE_TASKS, 0)
+    for name in SMOKE_TASKS:  # a second look, without hashes: no query line is left in the training text
+        assert brute_force_dirty(data, name) == set(), name
+
+    capsys.readouterr()
+    assert main(["prepare", SMOKE, *common, *CURATE]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_bad_curation_settings_are_one_line(world: World, capsys: pytest.CaptureFixture) -> None:
+    manifest = (world.data / "manifest.json").read_bytes()
+    for setting, message in (
+        ("tasks=[2D+,3D*]", "data.sources.0.curation.decontaminate.tasks: unknown task '3D*'; valid tasks: 2D+"),
+        ("num_examples=0", "data.sources.0.curation.decontaminate.num_examples must be at least 1, got 0"),
+    ):
+        extra = [] if setting.startswith("tasks") else ["data.sources.0.curation.decontaminate.tasks=[2D+]"]
+        assert main(["prepare", str(world.config), f"data.sources.0.curation.decontaminate.{setting}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"scalegpt: error: {message}"), err
+    assert (world.data / "manifest.json").read_bytes() == manifest

@@ -4,14 +4,10 @@ An example is *dirty* when one of its N-grams occurs in the text the run trained
 reported on all, clean and dirty examples (Figure 4.2, Table C.1): a clean score well below the whole
 one flags a score that memorization explains.
 
-Words are Appendix C's: the text lowercased, punctuation removed, split on whitespace. N is
-- for natural-language tasks, the paper's rule: the 5th percentile of the task's example lengths in
-  words, at least 8 and at most 13 (`paper_n`); an example shorter than N is looked up whole;
-- for the built-in synthetic tasks (train/evaluation/tasks.py), the whole example, answer included, as
-  one gram: their lines are 3 to 8 words, shorter than any N the paper allows, and a shorter gram
-  ("q what is 12", or any 3 words of a 6-word scramble line) would mark nearly every example dirty
-  without saying anything about whether the problem itself was seen. A 2D+ example is dirty exactly
-  when "Q: What is 12 plus 7? A: 19" appears in the training text as a run of words.
+Words, grams and N per task are train/data/ngrams.py's, shared with decontamination (`scalegpt prepare`)
+so that the two agree: the built-in synthetic tasks are looked up whole, answer included, so a 2D+
+example is dirty exactly when "Q: What is 12 plus 7? A: 19" appears in the training text as a run of
+words.
 
 The training text is each trained-on source's token file in data.dir (its train split, the tokens the
 sampler draws from), decoded document by document; a gram never spans two documents. The index keeps,
@@ -24,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -36,7 +31,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..data.mixture import _mix64
+from ..data.ngrams import WHOLE, WordHasher, example_grams, gram_hashes, task_n, words
 from ..data.tokenizer import load_tokenizer
 from ..errors import check_writable_dir
 from ..osutil import atomic_path
@@ -47,79 +42,12 @@ INDEX_DIR = "ngrams"
 INDEX_VERSION = 1
 """Bump when the words, the hashing or the file layout change: every index is then rebuilt."""
 
-PAPER_MIN_N, PAPER_MAX_N = 8, 13
-WHOLE = 0
-"""A task's N meaning "each example is one gram, however many words it has"."""
-
-_PUNCT = re.compile(r"[^\w\s]|_")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TOKENS_PER_BATCH = 1 << 20
 """Tokens decoded at a time while indexing: the Python word lists of a batch stay under ~100 MB."""
 _BUCKET_HASHES = 1 << 22
 """Distinct hashes one bucket of an index build holds in memory (32 MB)."""
 
 Echo = Callable[[str], None]
-
-
-# --- words and grams --------------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    """Appendix C's words: lowercased, punctuation removed, split on whitespace."""
-    return _PUNCT.sub("", text.lower()).split()
-
-
-class WordHasher:
-    """64-bit hashes of words (blake2b), remembered for the words seen, up to a bound."""
-
-    def __init__(self, limit: int = 1 << 20) -> None:
-        self._seen: dict[str, int] = {}
-        self._limit = limit
-
-    def __call__(self, ws: Sequence[str]) -> np.ndarray:
-        seen = self._seen
-        if len(seen) > self._limit:
-            seen.clear()
-        out = np.empty(len(ws), dtype=np.uint64)
-        for i, w in enumerate(ws):
-            h = seen.get(w)
-            if h is None:
-                h = seen[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-            out[i] = h
-        return out
-
-
-def gram_hashes(word_hashes: np.ndarray, n: int, doc_lengths: Sequence[int] | None = None) -> np.ndarray:
-    """The hash of every run of n consecutive words (in order), none spanning two documents when
-    doc_lengths (words per document, summing to len(word_hashes)) is given."""
-    m = len(word_hashes) - n + 1
-    if n < 1 or m < 1:
-        return np.empty(0, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        mixed = _mix64(word_hashes + _GOLDEN)
-        acc = np.full(m, np.uint64(n), dtype=np.uint64)
-        for j in range(n):
-            acc = _mix64(acc ^ mixed[j : j + m])
-    if doc_lengths is None:
-        return acc
-    doc = np.repeat(np.arange(len(doc_lengths)), np.asarray(doc_lengths, dtype=np.int64))
-    return acc[doc[:m] == doc[n - 1 :]]
-
-
-def paper_n(lengths: Sequence[int]) -> int:
-    """Appendix C's N for a natural-language task: the 5th percentile of its example lengths in words,
-    at least 8 and at most 13."""
-    if not len(lengths):
-        return PAPER_MAX_N
-    return int(min(PAPER_MAX_N, max(PAPER_MIN_N, math.floor(np.percentile(np.asarray(lengths), 5)))))
-
-
-def example_grams(text: str, n: int) -> tuple[int, np.ndarray]:
-    """(gram length, hashes of the example's grams): its n-grams, or the whole example when it has fewer
-    than n words or n is WHOLE."""
-    ws = words(text)
-    g = len(ws) if n == WHOLE else min(n, len(ws))
-    return g, gram_hashes(WordHasher()(ws), g)
 
 
 # --- the index --------------------------------------------------------------------------------------
@@ -309,12 +237,6 @@ class NgramIndex:
 
 
 # --- the analysis -----------------------------------------------------------------------------------
-
-
-def task_n(task_name: str) -> int:
-    """N for a built-in task: WHOLE (see the module's docstring); every built-in task is synthetic."""
-    del task_name
-    return WHOLE
 
 
 @dataclass

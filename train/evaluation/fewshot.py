@@ -30,6 +30,7 @@ from ...model.gpt import KVCache
 from ..data.tokenizer import EOT
 from ..errors import UserError
 from .tasks import Example, Task, binomial_p_value
+from .tasks import queries as task_queries
 
 FEW = "few"
 Shots = int | Literal["few"]
@@ -233,8 +234,7 @@ def episodes(task: Task, *, num_examples: int, max_shots: int, seed: int) -> lis
     """num_examples queries and, for each, max_shots demonstrations drawn from a separate pool of the
     task's examples, none with the query's prompt. A pure function of (task, seed): the same queries and
     demonstrations for every K and every model."""
-    queries_rng = random.Random(f"{seed}/{task.name}/queries")
-    queries = [task.make(queries_rng) for _ in range(num_examples)]
+    queries = task_queries(task, num_examples, seed)
     pool_rng = random.Random(f"{seed}/{task.name}/demonstrations")
     pool = [task.make(pool_rng) for _ in range(max(POOL, 2 * max_shots))]
     out = []
