@@ -24,7 +24,7 @@ from scalegpt.train.config import load_config, to_yaml
 from scalegpt.train.data.builtin import prose_document
 from scalegpt.train.data.curation import DecontaminateConfig
 from scalegpt.train.data.mixture import read_manifest
-from scalegpt.train.data.ngrams import WHOLE, example_grams, gram_hashes, paper_n, word_spans, words
+from scalegpt.train.data.ngrams import WHOLE, WordHasher, example_grams, gram_hashes, paper_n, word_spans, words
 from scalegpt.train.data.prepare.decontaminate import Decontaminator
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
 from scalegpt.train.evaluation.contamination import INDEX_DIR
@@ -199,10 +199,14 @@ def test_gram_hashes_stay_within_documents() -> None:
     assert len(whole) == 8 and len(set(whole.tolist())) == 8
     split = gram_hashes(w, 3, [4, 6])  # grams starting at 2 and 3 would cross the boundary
     assert split.tolist() == [*whole[:2].tolist(), *whole[4:].tolist()]
-    g, h = example_grams("Reverse: olleh = hello", WHOLE)
-    assert g == 3 and len(h) == 1
-    g, h = example_grams("one two three four five six seven eight nine ten", 8)
-    assert g == 8 and len(h) == 3
+    texts = ["Reverse: olleh = hello", "Clean: h e-l.lo = hello", "", "one two three four five six seven eight nine"]
+    got = example_grams(texts, WHOLE)
+    assert [(g, len(h)) for g, h in got] == [(3, 1), (4, 1), (0, 0), (9, 1)]  # "e-l.lo" is one word
+    alone = [example_grams([t], WHOLE)[0][1].tolist() for t in texts]
+    assert [h.tolist() for _, h in got] == alone  # hashed together or apart, the same grams
+    got = example_grams([texts[0], texts[3]], 8)
+    assert [(g, len(h)) for g, h in got] == [(3, 1), (8, 2)]
+    assert got[1][1].tolist() == gram_hashes(WordHasher()(words(texts[3])), 8).tolist()
 
 
 # --- the report through the CLI -------------------------------------------------------------------------
@@ -358,7 +362,7 @@ def test_decisions_are_per_document() -> None:
     random.Random(0).shuffle(shuffled)
     again = Decontaminator.of(DecontaminateConfig(tasks=list(TASK_NAMES), num_examples=NUM), "test")
     assert again is not None
-    by_index = {i: again.cut(docs[i]) for i in shuffled}
+    by_index = dict(zip(shuffled, again.cut_many([docs[i] for i in shuffled]), strict=True))  # together, reordered
     assert [by_index[i] for i in range(len(docs))] == forward
     assert sum(p != [d] for p, d in zip(forward, docs, strict=True)) > len(PLANT["mc-2D+"])
 

@@ -103,11 +103,24 @@ def gram_length(n: int, example_words: int) -> int:
     return example_words if n == WHOLE else min(n, example_words)
 
 
-def example_grams(text: str, n: int, hasher: WordHasher | None = None) -> tuple[int, np.ndarray]:
-    """(gram length, hashes of the example's grams of that length)."""
-    ws = words(text)
-    g = gram_length(n, len(ws))
-    return g, gram_hashes((hasher or WordHasher())(ws), g)
+def example_grams(texts: Sequence[str], n: int, hasher: WordHasher | None = None) -> list[tuple[int, np.ndarray]]:
+    """For each example: (its gram length, the hashes of its grams of that length). Examples of one gram
+    length are hashed together, since numpy's cost is per call, not per gram."""
+    hasher = hasher or WordHasher()
+    per = [words(t) for t in texts]
+    out: list[tuple[int, np.ndarray]] = [(0, np.empty(0, dtype=np.uint64))] * len(per)
+    groups: dict[int, list[int]] = {}
+    for i, ws in enumerate(per):
+        groups.setdefault(gram_length(n, len(ws)), []).append(i)
+    for g, members in groups.items():
+        if g == 0:
+            continue
+        lengths = [len(per[i]) for i in members]
+        grams = gram_hashes(hasher([w for i in members for w in per[i]]), g, lengths)
+        counts = np.array(lengths) - g + 1
+        for i, part in zip(members, np.split(grams, np.cumsum(counts)[:-1]), strict=True):
+            out[i] = (g, part)
+    return out
 
 
 def task_n(task_name: str) -> int:

@@ -284,7 +284,7 @@ def check_plans(
     grams = {}
     for plan in plans:
         n = task_n(plan.task.name)
-        grams[plan.task.name] = (n, [example_grams(ep.query.line, n) for ep in plan.episodes])
+        grams[plan.task.name] = (n, example_grams([ep.query.line for ep in plan.episodes], n))
     lengths = {g for _, per in grams.values() for g, _ in per}
     index = NgramIndex(data_dir, manifest, sources, lengths, echo)
     out = []

@@ -19,7 +19,7 @@ number of workers, or a resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ from ..curation import DecontaminateConfig
 from ..ngrams import WordHasher, example_grams, gram_hashes, task_n, word_spans
 from ..sources import Fragment
 
+_BATCH_CHARS = 1 << 20
+"""Characters of documents cut together: numpy's per-call cost amortized, memory bounded."""
 VERSION = 1
 """Part of a source's settings: bump when the step removes other text from the same input."""
 
@@ -104,8 +106,8 @@ class Decontaminator:
         hasher = WordHasher()
         for task in get_tasks(tasks):
             n = task_n(task.name)
-            for ex in queries(task, cfg.num_examples, cfg.seed):
-                g, hashes = example_grams(ex.line, n, hasher)
+            lines = [ex.line for ex in queries(task, cfg.num_examples, cfg.seed)]
+            for g, hashes in example_grams(lines, n, hasher):
                 if g > 0:
                     found.setdefault(g, []).append(hashes)
         targets = {g: np.unique(np.concatenate(parts)) for g, parts in found.items()}
@@ -113,13 +115,31 @@ class Decontaminator:
 
     def cut(self, doc: str) -> list[str]:
         """The pieces of doc to keep: [doc] itself when nothing matches."""
-        ws, spans = word_spans(doc)
-        hashes = self.hasher(ws)
-        removed: list[tuple[int, int]] = []
+        return self.cut_many([doc])[0]
+
+    def cut_many(self, docs: Sequence[str]) -> list[list[str]]:
+        """cut() of each document, hashed together (numpy's cost is per call): the same pieces as one by one."""
+        per = [word_spans(d) for d in docs]
+        lengths = np.array([len(ws) for ws, _ in per], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        doc_of = np.repeat(np.arange(len(docs)), lengths)
+        hashes = self.hasher([w for ws, _ in per for w in ws])
+        removed: list[list[tuple[int, int]]] = [[] for _ in docs]
         for g, target in self.targets.items():
-            grams = gram_hashes(hashes, g)
-            for i in np.flatnonzero(np.isin(grams, target)).tolist():
-                removed.append(self._widen(doc, spans[i][0] - self.cfg.window, spans[i + g - 1][1] + self.cfg.window))
+            grams = gram_hashes(hashes, g)  # across documents too; those are masked out below
+            if not len(grams):
+                continue
+            at = np.minimum(np.searchsorted(target, grams), len(target) - 1)  # np.isin re-sorts target each call
+            hit = (target[at] == grams) & (doc_of[: len(grams)] == doc_of[g - 1 :])
+            for i in np.flatnonzero(hit).tolist():
+                d = int(doc_of[i])
+                spans = per[d][1]
+                first, last = spans[i - starts[d]][0], spans[i - starts[d] + g - 1][1]
+                removed[d].append(self._widen(docs[d], first - self.cfg.window, last + self.cfg.window))
+        return [self._pieces(doc, r) for doc, r in zip(docs, removed, strict=True)]
+
+    def _pieces(self, doc: str, removed: list[tuple[int, int]]) -> list[str]:
+        """What is left of doc once the ranges are removed, by the piece rules; counted into stats."""
         self.stats.documents += 1
         self.stats.chars += len(doc)
         if not removed:
@@ -153,13 +173,24 @@ class Decontaminator:
 
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
         """The source's fragments with each document (joined from its fragments) cut, each piece kept as a
-        document of its own."""
+        document of its own. Documents go through cut_many about a megabyte at a time."""
         parts: list[str] = []
+        batch: list[str] = []
+        size = 0
         for text, end in frags:
             parts.append(text)
             if end:
-                for piece in self.cut("".join(parts)):
-                    yield piece, True
+                batch.append("".join(parts))
+                size += len(batch[-1])
                 parts = []
+            if size >= _BATCH_CHARS:
+                yield from self._emit(batch)
+                batch, size = [], 0
         if parts:
-            yield from ((p, True) for p in self.cut("".join(parts)))
+            batch.append("".join(parts))
+        yield from self._emit(batch)
+
+    def _emit(self, batch: list[str]) -> Iterator[Fragment]:
+        for pieces in self.cut_many(batch) if batch else []:
+            for piece in pieces:
+                yield piece, True
