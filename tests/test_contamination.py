@@ -1,7 +1,10 @@
-"""`scalegpt eval --contamination` (GPT-3 Section 4, Appendix C): a corpus with eval queries planted in known
-places, checked against a brute-force substring search of the decoded training text; accuracy on clean and
-dirty queries against a second scoring of the same queries; the on-disk index reused, and rebuilt for the
-one source that changed."""
+"""`scalegpt eval --contamination` and `scalegpt prepare`'s decontamination (GPT-3 Section 4, Appendix C).
+
+The report: a corpus with eval queries planted in known places, checked against a brute-force substring
+search of the decoded training text; accuracy on clean and dirty queries against a second scoring of the
+same queries; the on-disk index reused, and rebuilt for the one source that changed. Decontamination: the
+window and piece rules on hand-made documents, decisions per document, and the smoke mixture before (dirty
+queries) and after (none), set as a user sets it."""
 
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from scalegpt.train.data.mixture import read_manifest
 from scalegpt.train.data.ngrams import WHOLE, WordHasher, example_grams, gram_hashes, paper_n, word_spans, words
 from scalegpt.train.data.prepare.decontaminate import Decontaminator
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
-from scalegpt.train.evaluation.contamination import INDEX_DIR
+from scalegpt.train.evaluation import contamination
+from scalegpt.train.evaluation.contamination import INDEX_DIR, build_source_index, index_path
 from scalegpt.train.evaluation.fewshot import episodes, plan_tasks, run_plans
 from scalegpt.train.evaluation.tasks import TASKS, Example
 from scalegpt.train.inference import load_for_inference
@@ -275,6 +279,29 @@ def test_index_is_reused_and_rebuilt_for_the_changed_source_only(
     assert len(after) == 4, "the planted source's old index files were not replaced"
     tasks = {t["task"]: t for t in report["contamination"]["tasks"]}
     assert tasks["reverse"]["dirty"] == len(DIRTY["reverse"]) + 1 == len(brute_force_dirty(copy.data, "reverse"))
+
+
+def test_index_split_into_buckets_equals_the_one_bucket_index(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source too big for one bucket in memory is indexed through bucket files: the same sorted array."""
+    manifest = read_manifest(world.data)
+    assert manifest is not None
+    entry = next(e for e in manifest["sources"] if e["name"] == "prose")
+    tok = load_tokenizer(world.data / "tokenizer.json")
+    args = (np.dtype(manifest["dtype"]), int(manifest["eot_id"]), tok)
+    one = tmp_path / "one"
+    shutil.copytree(world.data, one, ignore=shutil.ignore_patterns(INDEX_DIR))
+    build_source_index(one, entry, [3, 8], *args)
+    many = tmp_path / "many"
+    shutil.copytree(world.data, many, ignore=shutil.ignore_patterns(INDEX_DIR))
+    monkeypatch.setattr(contamination, "_BUCKET_HASHES", 64)  # ~15,000 words: 256 buckets
+    build_source_index(many, entry, [3, 8], *args)
+    for n in (3, 8):
+        a = np.fromfile(index_path(one, entry, n), dtype=np.uint64)
+        b = np.fromfile(index_path(many, entry, n), dtype=np.uint64)
+        assert len(a) > 1000 and np.array_equal(a, b) and bool((np.diff(a) > 0).all())
+    assert sorted(p.name for p in (many / INDEX_DIR).iterdir()) == sorted(p.name for p in (one / INDEX_DIR).iterdir())
 
 
 def test_bad_input_is_one_line(world: World, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
