@@ -91,6 +91,9 @@ def _add_eval(sub: _Subparsers) -> None:
     s.add_argument("--data-dir", default=None, help="prepared data for validation (default: the config's)")
     s.add_argument("--json", dest="json_out", default=None, help="write the results table here")
     s.add_argument("--wandb", action="store_true", help="log the config and result tables to wandb")
+    s.add_argument(
+        "--contamination", action="store_true", help="accuracy on clean and dirty queries (seen in the training text)"
+    )
     s.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK", help="lm-evaluation-harness tasks")
     s.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of local lm-eval task YAMLs")
     s.add_argument("--device", default="auto")

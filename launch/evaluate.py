@@ -15,8 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..train.data.mixture import read_manifest
+from ..train.data.tokenizer import tokenizer_hash
 from ..train.engine import pick_device
 from ..train.errors import UserError, check_writable_file
+from ..train.evaluation.contamination import (
+    TaskContamination,
+    check_plans,
+    contamination_table,
+    split_results,
+    trained_sources,
+)
 from ..train.evaluation.fewshot import FEW, ShotResult, Shots, TaskPlan, plan_tasks, run_plans
 from ..train.evaluation.report import (
     fewshot_table,
@@ -81,6 +90,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[Task], list[Shots]]:
 
         if not HAVE_LM_EVAL:
             raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'scalegpt[eval]' (or lm-eval)")
+    if args.contamination and not tasks:
+        raise UserError("--contamination splits the built-in tasks' accuracy; name some with --tasks")
     pick_device(args.device)
     return tasks, shots
 
@@ -104,9 +115,10 @@ def _say(text: str = "") -> None:
 
 def _before_weights(
     args: argparse.Namespace, resolved: ResolvedPath, tasks: list[Task], shots: list[Shots]
-) -> tuple[Mixture | None, str, list[TaskPlan]]:
-    """The validation data and the task plans, from the config and tokenizer alone, so a K that does not
-    fit n_ctx or a missing data folder fails before the weights are read."""
+) -> tuple[Mixture | None, str, list[TaskPlan], Contamination | None]:
+    """The validation data, the task plans and (with --contamination) which queries are dirty, from the
+    config and tokenizer alone, so a K that does not fit n_ctx or a missing data folder fails before the
+    weights are read."""
     cfg, tokenizer = read_run_config(resolved), read_tokenizer(resolved)
     mixture, data_note = (None, "validation skipped (--val-batches 0)")
     if args.val_batches:
@@ -120,7 +132,39 @@ def _before_weights(
         seed=args.seed,
         few_max=args.few_max,
     )
-    return mixture, data_note, plans
+    contamination = _mark_contamination(args, cfg, tokenizer, plans) if args.contamination else None
+    return mixture, data_note, plans, contamination
+
+
+Contamination = tuple[list[TaskContamination], dict[str, Any]]
+"""Each task's dirty queries, and the index they were looked up in."""
+
+
+def _mark_contamination(
+    args: argparse.Namespace, cfg: Any, tokenizer: Tokenizer, plans: list[TaskPlan]
+) -> Contamination:
+    """--contamination: each planned query marked dirty or clean against the text the run trained on,
+    the train splits of its sources in its prepared data (--data-dir, default the config's data.dir)."""
+    where = Path(args.data_dir or cfg.data.dir).expanduser()
+    manifest = read_manifest(where)
+    if manifest is None:
+        raise UserError(
+            f"--contamination needs the data the run trained on, and {where} has no manifest.json; "
+            "run `scalegpt prepare CONFIG` or pass --data-dir"
+        )
+    if manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
+        raise UserError(f"the data in {where} were made by another tokenizer than the run's; pass the run's --data-dir")
+    weights = [
+        {s.name: s.weight for s in cfg.data.sources},
+        *({k: float(v) for k, v in st.weights.items()} for st in cfg.data.stages),
+    ]
+    if not any(weights[0]):  # a config without sources trains on prepare's weights
+        weights = [{e["name"]: float(e["weight"]) for e in manifest["sources"]}]
+    sources = trained_sources(manifest, weights)
+    if not sources:
+        raise UserError(f"none of the run's sources ({', '.join(weights[0])}) is prepared in {where}; pass --data-dir")
+    _say(f"contamination: looking the queries up in the train splits of {', '.join(sources)} in {where}")
+    return check_plans(plans, where, manifest, sources, _say)
 
 
 def _run_fewshot(
@@ -133,6 +177,21 @@ def _run_fewshot(
     _say(fewshot_table(results))
     _say(task_descriptions([t.name for t in tasks]))
     return results
+
+
+def _report_contamination(results: list[ShotResult], contamination: Contamination | None) -> dict[str, Any] | None:
+    """Accuracy on all, clean and dirty queries (GPT-3 Figure 4.2, Table C.1), printed and returned for
+    the JSON report."""
+    if contamination is None:
+        return None
+    marks, index = contamination
+    splits = split_results(results, marks)
+    _say(
+        "\ncontamination (GPT-3 Section 4, Appendix C): a query is dirty when one of its N-word grams occurs in "
+        "the training text"
+    )
+    _say(contamination_table(splits, marks))
+    return {"index": index, "tasks": [m.row() for m in marks], "results": [s.row() for s in splits]}
 
 
 def _run_validation(
@@ -170,7 +229,7 @@ def eval_command(args: argparse.Namespace) -> int:
     tasks, shots = _check_args(args)
     resolved = resolve(args.path)
     meta = _checkpoint_meta(resolved)
-    mixture, data_note, plans = _before_weights(args, resolved, tasks, shots)
+    mixture, data_note, plans, contamination = _before_weights(args, resolved, tasks, shots)
 
     model, tokenizer, cfg = load_for_inference(args.path, device=args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -179,6 +238,7 @@ def eval_command(args: argparse.Namespace) -> int:
     _say(f"evaluating {args.path} ({step}{params:,} parameters, n_ctx {cfg.model.n_ctx}, {device.type})")
 
     results = _run_fewshot(args, model, tokenizer, plans, tasks)
+    contaminated = _report_contamination(results, contamination)
     validation = _run_validation(args, model, mixture, data_note)
     lm_eval_results = _run_lm_eval(args, model, tokenizer)
     report = {
@@ -193,6 +253,8 @@ def eval_command(args: argparse.Namespace) -> int:
         "validation": {"note": data_note, "metrics": validation},
         "lm_eval": lm_eval_results,
     }
+    if contaminated is not None:
+        report["contamination"] = contaminated
     if args.json_out is not None:
         write_json_atomic(args.json_out, report)
         _say(f"\nwrote {args.json_out}")

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ...model.config import ModelConfig
+from ..data.curation import CurationConfig
 from ..errors import UserError
 
 
@@ -59,6 +60,8 @@ class SourceConfig:
     download: list[str] = field(default_factory=list)
     """URLs of the files `path` names, each optionally ending in #sha256=<hex>: downloaded and cached by
     `datasets`, or read as `path` under $SCALEGPT_DATA_ROOT when that is set; either way checked."""
+    curation: CurationConfig = field(default_factory=CurationConfig)
+    """What prepare does to the text before tokenizing it (train/data/curation.py)."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ...model.gpt import KVCache
 from ..data.tokenizer import EOT
 from ..errors import UserError
 from .tasks import Example, Task, binomial_p_value
+from .tasks import queries as task_queries
 
 FEW = "few"
 Shots = int | Literal["few"]
@@ -233,8 +234,7 @@ def episodes(task: Task, *, num_examples: int, max_shots: int, seed: int) -> lis
     """num_examples queries and, for each, max_shots demonstrations drawn from a separate pool of the
     task's examples, none with the query's prompt. A pure function of (task, seed): the same queries and
     demonstrations for every K and every model."""
-    queries_rng = random.Random(f"{seed}/{task.name}/queries")
-    queries = [task.make(queries_rng) for _ in range(num_examples)]
+    queries = task_queries(task, num_examples, seed)
     pool_rng = random.Random(f"{seed}/{task.name}/demonstrations")
     pool = [task.make(pool_rng) for _ in range(max(POOL, 2 * max_shots))]
     out = []
@@ -295,6 +295,8 @@ class ShotResult:
     p_value: float
     """One-sided binomial test of the accuracy against chance."""
     extra: dict[str, float] = field(default_factory=dict)
+    hits: tuple[bool, ...] = field(default=(), repr=False)
+    """Whether each query (in the plan's order) was right: what the contamination report splits."""
 
     def row(self) -> dict[str, object]:
         return {
@@ -387,19 +389,19 @@ def run_setting(
             pairs = [encoder.pair(text, c) for c in ep.query.choices]  # the context's ids are the same in each
             items.append((pairs[0][0], [p[1] for p in pairs]))
         scored = shared_context_logprobs(model, items, batch_size=batch_size)
-        hits = hits_sum = 0
+        hits, hits_sum = [], 0
         for (_, conts), scores, ep in zip(items, scored, plan.episodes, strict=True):
             lps, lengths = [s[0] for s in scores], [len(c) for c in conts]
-            hits += pick_choice(lps, lengths) == ep.query.label
+            hits.append(pick_choice(lps, lengths) == ep.query.label)
             hits_sum += pick_choice(lps, lengths, normalize=False) == ep.query.label
-        correct, metric = hits, "acc"
+        correct, metric = sum(hits), "acc"
         extra["acc_unnormalized"] = hits_sum / len(plan.episodes)
     else:
         prompts = [encoder.context(t) for t in texts]
         budget = max(_reserve(encoder, task, ep) for ep in plan.episodes)
         predictions = greedy_lines(model, encoder.tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
-        correct = sum(exact_match(p, ep.query.answers) for p, ep in zip(predictions, plan.episodes, strict=True))
-        metric = "exact_match"
+        hits = [exact_match(p, ep.query.answers) for p, ep in zip(predictions, plan.episodes, strict=True)]
+        correct, metric = sum(hits), "exact_match"
     total = len(plan.episodes)
     chance = task.chance
     return ShotResult(
@@ -414,6 +416,7 @@ def run_setting(
         chance=chance,
         p_value=binomial_p_value(correct, total, chance),
         extra=extra,
+        hits=tuple(hits),
     )
 
 

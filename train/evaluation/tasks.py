@@ -192,6 +192,13 @@ def get_tasks(names: list[str] | None) -> list[Task]:
     return out
 
 
+def queries(task: Task, num_examples: int, seed: int) -> list[Example]:
+    """The task's first num_examples queries for this seed, the ones `scalegpt eval --seed` scores (its
+    test set, which decontamination removes from training text); a longer list starts with a shorter one."""
+    rng = random.Random(f"{seed}/{task.name}/queries")
+    return [task.make(rng) for _ in range(num_examples)]
+
+
 def _majority_arithmetic(op: str, digits: int) -> float:
     """Probability of the most frequent answer, by enumerating every operand pair (arithmetic_example
     draws both operands uniformly from the d-digit numbers)."""

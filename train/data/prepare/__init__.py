@@ -163,6 +163,8 @@ def _tokenize(
             if rows is None:
                 report(w, echo)  # an empty source stops the run here, before data.dir changes
             w.entry = {**summarize(w, out, cfg, byte_len), **settings}
+            if w.curation is not None:
+                w.entry["curation"] = {"decontaminate": w.curation.row()}
             finished(out.path, w.entry, w.chars)
             files.append(out.path)
     return files

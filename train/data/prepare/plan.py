@@ -25,6 +25,8 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
+from . import decontaminate
+from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -41,6 +43,7 @@ class Work:
     rows: tuple[int, int] = (0, 0)
     chars: int = 0
     entry: dict[str, Any] = field(default_factory=dict)
+    curation: DecontaminationStats | None = None
 
 
 @dataclass
@@ -97,6 +100,9 @@ class PreparePlan:
             "text_field": source.cfg.text_field if source.kind != "builtin" else None,
             "chunked": self.chunked,
         }
+        curation = decontaminate.settings(source.cfg.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
+        if curation is not None:  # only when set, so older manifests stay up to date
+            out["curation"] = {"decontaminate": curation}
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
@@ -157,6 +163,8 @@ def plan_prepare(cfg: Config) -> tuple[PreparePlan, Tok | None]:
     if old is not None and (data_dir / TOKENIZER_FILE).is_file():
         check_tokenizer_file(data_dir, old)
     sources = [src_mod.resolve(s) for s in d.sources]
+    for i, s in enumerate(d.sources):  # bad curation settings fail before anything is read or written
+        decontaminate.check(s.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
     recipe, tok = _tokenizer(cfg, data_dir, old)
     return PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
 

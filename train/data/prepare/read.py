@@ -19,6 +19,7 @@ from ...config.schema import Config
 from ...errors import UserError
 from .. import sources as src_mod
 from ..tokenizer import split_safe, train_bpe
+from .decontaminate import Decontaminator
 from .plan import Echo, Work
 from .workers import Row
 
@@ -75,7 +76,7 @@ def read_sources(work: list[Work], cfg: Config, chunk: int | None, path: Path, e
         for w in work:
             start = n
             buf: list[tuple[list[str], list[bool]]] = []
-            frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+            frags = curated(w, cfg, chunk)
             for pieces, ends, size in rows(frags, chunk):
                 buf.append((pieces, ends))
                 w.chars += size
@@ -90,9 +91,19 @@ def read_sources(work: list[Work], cfg: Config, chunk: int | None, path: Path, e
     return n
 
 
+def curated(w: Work, cfg: Config, chunk: int | None) -> Iterator[src_mod.Fragment]:
+    """The source's documents after its `curation:` steps (decontaminate.py), whose counts go to w.curation."""
+    frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+    step = Decontaminator.of(w.source.cfg.curation.decontaminate, f"data.sources.{w.index}.curation.decontaminate")
+    if step is None:
+        return frags
+    w.curation = step.stats
+    return step.apply(frags)
+
+
 def source_rows(w: Work, cfg: Config, chunk: int | None) -> Iterator[Row]:
     """The source's rows read straight from it, counting its characters into w.chars."""
-    frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+    frags = curated(w, cfg, chunk)
     for pieces, ends, size in rows(frags, chunk):
         w.chars += size
         yield pieces, ends
@@ -125,6 +136,8 @@ def report(w: Work, echo: Echo) -> None:
             f"source {w.source.name!r} ({w.source.spec}) is empty: no non-empty documents in {what}; "
             f"point it at text or remove it from data.sources"
         )
+    if w.curation is not None:
+        echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
     if s.bad_lines:
         echo(
             f"  {w.source.name}: skipped {s.bad_lines} line(s) of invalid UTF-8 (first at {s.first_bad}); "

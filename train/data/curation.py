@@ -1,0 +1,44 @@
+"""What `scalegpt prepare` does to a source's text before tokenizing it: its `curation:` settings.
+
+Declared per source in the data config, e.g.
+
+    sources:
+      - name: arithmetic
+        builtin: arithmetic
+        curation: {decontaminate: {tasks: [2D+, mc-2D+, reverse]}}
+
+The settings are part of the source's manifest entry, so changing one source's curation re-prepares that
+source alone, and unchanged settings do nothing. The step itself is train/data/prepare/decontaminate.py;
+this module holds only the schema, so that loading a config stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DecontaminateConfig:
+    """GPT-3 Appendix C: remove the training text that overlaps evaluation tasks."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Built-in tasks (names or the paper's aliases, as `scalegpt eval --tasks` takes them) whose test
+    queries are removed; none (the default) turns the step off. Each is matched with the N that `scalegpt
+    eval --contamination` uses for it."""
+    num_examples: int = 1000
+    """Queries per task that make its test set: the first ones `scalegpt eval --seed SEED` draws, so an
+    eval with --num-examples up to this many finds none of them in the decontaminated text."""
+    seed: int = 1234
+    """The eval's --seed whose queries are removed (scalegpt eval's default)."""
+    window: int = 200
+    """Characters removed on each side of a match (the paper's 200), widened to whole words."""
+    min_piece: int = 200
+    """A piece of a split document shorter than this many characters is dropped."""
+    max_pieces: int = 10
+    """A document split into more pieces than this is dropped whole."""
+
+
+@dataclass
+class CurationConfig:
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    """Remove evaluation overlaps (off until it names tasks)."""
