@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from scalegpt.launch.cli import main
 from scalegpt.model import GPT
-from scalegpt.train.config import load_config, to_yaml
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import to_yaml
 from scalegpt.train.data.builtin import prose_document
 from scalegpt.train.data.curation import DecontaminateConfig
 from scalegpt.train.data.mixture import read_manifest
@@ -34,7 +35,7 @@ from scalegpt.train.evaluation import contamination
 from scalegpt.train.evaluation.contamination import INDEX_DIR, build_source_index, index_path
 from scalegpt.train.evaluation.fewshot import episodes, plan_tasks, run_plans
 from scalegpt.train.evaluation.tasks import TASKS, Example
-from scalegpt.train.inference import load_for_inference
+from scalegpt.train.weights import load_for_inference
 
 TASK_NAMES = ("mc-2D+", "reverse")
 NUM = 30
