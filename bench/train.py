@@ -146,7 +146,7 @@ def main() -> None:
         rate[name] = tokens / med
         util = f"{mfu(rate[name] / env.world_size, cfg.model, peak):.1%}" if peak else "n/a"
         print(f"{name:<22} {med * 1e3:>9.1f} {rate[name]:>11,.0f} {util:>7} {losses[name]:>10.4f}")
-    from scalegpt.launch.plan import peak_memory
+    from scalegpt.launch.memory import peak_memory
 
     predicted = (
         peak_memory(cfg, env.world_size, cfg.train.micro_batch, cfg.train.activation_checkpointing).total / 2**30
