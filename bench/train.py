@@ -36,8 +36,7 @@ from scalegpt.model.flops import flops_per_token, mfu, peak_flops_for
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.config.schema import Config
 from scalegpt.train.config.validation import global_batch
-from scalegpt.train.engine import build_engine, init_distributed, param_groups
-from scalegpt.train.loop import engine_step
+from scalegpt.train.engine import build_engine, engine_step, init_distributed, param_groups
 
 
 def peak_memory_gb(device: torch.device) -> float:
