@@ -36,8 +36,7 @@ from scalegpt.model.flops import flops_per_token, mfu, peak_flops_for
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.config.schema import Config
 from scalegpt.train.config.validation import global_batch
-from scalegpt.train.engine import build_engine, init_distributed, param_groups
-from scalegpt.train.loop import engine_step
+from scalegpt.train.engine import build_engine, engine_step, init_distributed, param_groups
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -146,7 +145,7 @@ def main() -> None:
         rate[name] = tokens / med
         util = f"{mfu(rate[name] / env.world_size, cfg.model, peak):.1%}" if peak else "n/a"
         print(f"{name:<22} {med * 1e3:>9.1f} {rate[name]:>11,.0f} {util:>7} {losses[name]:>10.4f}")
-    from scalegpt.launch.plan import peak_memory
+    from scalegpt.launch.memory import peak_memory
 
     predicted = (
         peak_memory(cfg, env.world_size, cfg.train.micro_batch, cfg.train.activation_checkpointing).total / 2**30

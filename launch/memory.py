@@ -1,6 +1,8 @@
 """Memory arithmetic for `scalegpt plan`: the bytes one GPU holds for model states (parameters, gradients,
-optimizer states under ZeRO), DeepSpeed's reduction buckets, and one micro batch's activations. Plain
-Python on a ModelConfig, closed-form, so a 175B run can be sized on a laptop. Sources:
+optimizer states under ZeRO), DeepSpeed's reduction buckets, and one micro batch's activations, and the
+per-GPU peak they add up to (``peak_memory``, which reads the bucket and accumulation settings from the
+DeepSpeed JSON train/engine.py generates). Plain Python, closed-form, so a 175B run can be sized on a
+laptop. Sources:
 
 - model states: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
   Parameter Models", Sections 3.1 and 5, and DeepSpeed's own ZeRO-2 estimate
@@ -18,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model.config import ModelConfig
-from ..model.flops import loss_chunks
+from ..model.flops import count_params, loss_chunks
+from ..train.config.schema import Config
+from ..train.engine import deepspeed_config
 
 GiB = float(2**30)
 
@@ -203,4 +207,103 @@ def activation_memory(
         head=float(head),
         working=float(sbh * v * (2 * config.ffn_dim / h + 1)),
         logits=logits,
+    )
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Predicted peak bytes on one GPU for one micro batch. Two moments compete: the start of a
+    backward pass (every activation and the loss' peak alive, gradient buckets allocated) and the
+    optimizer step (activations and buckets freed, the fp32 gradient partition made)."""
+
+    states: float
+    """Parameters and optimizer states (with any fp32 master copy), alive throughout."""
+    grads: float
+    """The gradient partition in the training dtype. It fills up during backward while activations
+    are freed, so it adds to the backward peak only when an earlier micro batch's gradients are
+    being accumulated into (accumulation > 1)."""
+    buffers: float
+    """DeepSpeed's gradient-reduction buckets (ZeRO-1/2), alive during backward."""
+    activations: float
+    """Saved activations and the loss' peak (ActivationMemory.peak)."""
+    step_extra: float
+    """ZeRO-1/2's optimizer step: the flattened copy of the gradient partition and, in 16 bits, its
+    fp32 cast (``step`` in deepspeed/runtime/zero/stage_1_and_2.py)."""
+    accumulation: int
+    """Micro batches per optimizer step on this GPU."""
+
+    @property
+    def backward(self) -> float:
+        accumulated = self.grads if self.accumulation > 1 else 0.0
+        return self.states + accumulated + self.buffers + self.activations
+
+    @property
+    def step(self) -> float:
+        return self.states + self.grads + self.step_extra
+
+    @property
+    def total(self) -> float:
+        return max(self.backward, self.step)
+
+
+def _bucket_bytes(cfg: Config, gpus: int) -> float:
+    """ZeRO-1/2 gradient buckets, read from the DeepSpeed JSON the engine will generate (one source of
+    truth: a `deepspeed:` pass-through of zero_optimization.reduce_bucket_size is seen here too)."""
+    if cfg.train.zero_stage not in (1, 2):
+        return 0.0
+    zero = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=1)["zero_optimization"]
+    if not zero.get("contiguous_gradients", True):  # DeepSpeed's default is on
+        return 0.0
+    try:
+        size = int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_SIZE)))
+    except (TypeError, ValueError):
+        size = DEEPSPEED_REDUCE_BUCKET_SIZE
+    return zero_bucket_bytes(
+        precision=cfg.train.precision, reduce_bucket_size=size, overlap_comm=bool(zero.get("overlap_comm", False))
+    )
+
+
+def states_for_stage(cfg: Config, n_params: int, gpus: int) -> ModelStateBytes:
+    """The model states `plan` uses for the configured stage (see launch/plan.py's module docstring)."""
+    t = cfg.train
+    if t.zero_stage == 2:
+        return deepspeed_zero2_model_states(n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload)
+    states = zero_model_states(n_params, stage=t.zero_stage, gpus=gpus, precision=t.precision)
+    if t.cpu_offload:  # ZeRO-Offload moves the optimizer states (and their step) to the host
+        states = ModelStateBytes(params=states.params, grads=states.grads, optimizer=0.0, offloaded=states.optimizer)
+    return states
+
+
+def _accumulates_in_fp32(cfg: Config, gpus: int, accumulation: int) -> bool:
+    """Whether the DeepSpeed JSON the engine will generate sums gradients in fp32 (read from it, so a
+    `deepspeed:` pass-through of data_types.grad_accum_dtype is seen here too)."""
+    ds = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=accumulation)
+    return cfg.train.precision != "fp32" and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+
+
+def peak_memory(cfg: Config, gpus: int, micro_batch: int, checkpointing: bool, accumulation: int = 1) -> PeakMemory:
+    """Predicted per-GPU peak for this config on `gpus` GPUs at one micro batch."""
+    t = cfg.train
+    n_params = count_params(cfg.model)
+    v = value_bytes(t.precision)
+    states = states_for_stage(cfg, n_params, gpus)
+    grads = states.grads
+    step_extra = 0.0
+    if t.zero_stage in (1, 2) and not t.cpu_offload:
+        partition = v * n_params / gpus
+        fp32_copy = 0.0 if v == 4 else 4 * n_params / gpus
+        if t.zero_stage == 2:
+            grads = partition  # states.grads also holds the fp32 copy, which exists only in the step
+            if _accumulates_in_fp32(cfg, gpus, accumulation):
+                grads = 4 * n_params / gpus  # bf16 gradients summed in an fp32 partition
+        step_extra = partition + fp32_copy
+    buffers = _bucket_bytes(cfg, gpus)
+    acts = activation_memory(cfg.model, micro_batch, precision=t.precision, flash=True)
+    return PeakMemory(
+        states=states.params + states.optimizer,
+        grads=grads,
+        buffers=buffers,
+        activations=acts.peak(checkpointing),
+        step_extra=step_extra,
+        accumulation=accumulation,
     )

@@ -23,18 +23,18 @@ from ..model.config import ModelConfig
 from ..model.flops import PEAK_FLOPS, count_params, flops_per_token
 from ..train.config.loading import load_config
 from ..train.config.schema import Config
-from ..train.engine import compiled_ops_note, deepspeed_config
+from ..train.engine import compiled_ops_note
 from ..train.errors import UserError
 from ..train.schedule import Totals, run_totals
 from .memory import (
-    DEEPSPEED_REDUCE_BUCKET_SIZE,
     ActivationMemory,
     GiB,
     ModelStateBytes,
+    PeakMemory,
     activation_memory,
     deepspeed_zero2_model_states,
-    value_bytes,
-    zero_bucket_bytes,
+    peak_memory,
+    states_for_stage,
     zero_model_states,
 )
 
@@ -44,42 +44,6 @@ caching allocator's fragmentation, none of which the arithmetic counts."""
 
 MAX_MICRO_BATCH = 1024
 """Largest micro batch tried when train.global_batch is 0 (so any micro batch is allowed)."""
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    """Predicted peak bytes on one GPU for one micro batch. Two moments compete: the start of a
-    backward pass (every activation and the loss' peak alive, gradient buckets allocated) and the
-    optimizer step (activations and buckets freed, the fp32 gradient partition made)."""
-
-    states: float
-    """Parameters and optimizer states (with any fp32 master copy), alive throughout."""
-    grads: float
-    """The gradient partition in the training dtype. It fills up during backward while activations
-    are freed, so it adds to the backward peak only when an earlier micro batch's gradients are
-    being accumulated into (accumulation > 1)."""
-    buffers: float
-    """DeepSpeed's gradient-reduction buckets (ZeRO-1/2), alive during backward."""
-    activations: float
-    """Saved activations and the loss' peak (ActivationMemory.peak)."""
-    step_extra: float
-    """ZeRO-1/2's optimizer step: the flattened copy of the gradient partition and, in 16 bits, its
-    fp32 cast (``step`` in deepspeed/runtime/zero/stage_1_and_2.py)."""
-    accumulation: int
-    """Micro batches per optimizer step on this GPU."""
-
-    @property
-    def backward(self) -> float:
-        accumulated = self.grads if self.accumulation > 1 else 0.0
-        return self.states + accumulated + self.buffers + self.activations
-
-    @property
-    def step(self) -> float:
-        return self.states + self.grads + self.step_extra
-
-    @property
-    def total(self) -> float:
-        return max(self.backward, self.step)
 
 
 @dataclass(frozen=True)
@@ -146,69 +110,6 @@ class ResourcePlan:
     """samples x n_ctx."""
     train_days: float
     """tokens x flops_per_token / (gpus x tflops): the ramp's small early steps take less time."""
-
-
-def _bucket_bytes(cfg: Config, gpus: int) -> float:
-    """ZeRO-1/2 gradient buckets, read from the DeepSpeed JSON the engine will generate (one source of
-    truth: a `deepspeed:` pass-through of zero_optimization.reduce_bucket_size is seen here too)."""
-    if cfg.train.zero_stage not in (1, 2):
-        return 0.0
-    zero = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=1)["zero_optimization"]
-    if not zero.get("contiguous_gradients", True):  # DeepSpeed's default is on
-        return 0.0
-    try:
-        size = int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_SIZE)))
-    except (TypeError, ValueError):
-        size = DEEPSPEED_REDUCE_BUCKET_SIZE
-    return zero_bucket_bytes(
-        precision=cfg.train.precision, reduce_bucket_size=size, overlap_comm=bool(zero.get("overlap_comm", False))
-    )
-
-
-def _states_for_stage(cfg: Config, n_params: int, gpus: int) -> ModelStateBytes:
-    """The model states `plan` uses for the configured stage (see the module docstring)."""
-    t = cfg.train
-    if t.zero_stage == 2:
-        return deepspeed_zero2_model_states(n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload)
-    states = zero_model_states(n_params, stage=t.zero_stage, gpus=gpus, precision=t.precision)
-    if t.cpu_offload:  # ZeRO-Offload moves the optimizer states (and their step) to the host
-        states = ModelStateBytes(params=states.params, grads=states.grads, optimizer=0.0, offloaded=states.optimizer)
-    return states
-
-
-def _accumulates_in_fp32(cfg: Config, gpus: int, accumulation: int) -> bool:
-    """Whether the DeepSpeed JSON the engine will generate sums gradients in fp32 (read from it, so a
-    `deepspeed:` pass-through of data_types.grad_accum_dtype is seen here too)."""
-    ds = deepspeed_config(cfg, world_size=gpus, device="cuda", accumulation=accumulation)
-    return cfg.train.precision != "fp32" and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
-
-
-def peak_memory(cfg: Config, gpus: int, micro_batch: int, checkpointing: bool, accumulation: int = 1) -> PeakMemory:
-    """Predicted per-GPU peak for this config on `gpus` GPUs at one micro batch."""
-    t = cfg.train
-    n_params = count_params(cfg.model)
-    v = value_bytes(t.precision)
-    states = _states_for_stage(cfg, n_params, gpus)
-    grads = states.grads
-    step_extra = 0.0
-    if t.zero_stage in (1, 2) and not t.cpu_offload:
-        partition = v * n_params / gpus
-        fp32_copy = 0.0 if v == 4 else 4 * n_params / gpus
-        if t.zero_stage == 2:
-            grads = partition  # states.grads also holds the fp32 copy, which exists only in the step
-            if _accumulates_in_fp32(cfg, gpus, accumulation):
-                grads = 4 * n_params / gpus  # bf16 gradients summed in an fp32 partition
-        step_extra = partition + fp32_copy
-    buffers = _bucket_bytes(cfg, gpus)
-    acts = activation_memory(cfg.model, micro_batch, precision=t.precision, flash=True)
-    return PeakMemory(
-        states=states.params + states.optimizer,
-        grads=grads,
-        buffers=buffers,
-        activations=acts.peak(checkpointing),
-        step_extra=step_extra,
-        accumulation=accumulation,
-    )
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -307,7 +208,7 @@ def plan_resources(cfg: Config, gpus: int, gpu_memory_gb: float, tflops: float) 
         deepspeed_zero2=deepspeed_zero2_model_states(
             n_params, gpus=gpus, precision=t.precision, cpu_offload=t.cpu_offload
         ),
-        model_states=_states_for_stage(cfg, n_params, gpus),
+        model_states=states_for_stage(cfg, n_params, gpus),
         micro_batch=t.micro_batch,
         checkpointing=t.activation_checkpointing,
         activations=activation_memory(m, t.micro_batch, precision=t.precision, flash=True),

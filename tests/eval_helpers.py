@@ -2,6 +2,7 @@
 
 - TableLM / chain_model: a bigram "model" whose log-likelihoods we set, so scores are known by hand;
 - varied_weights: a real GPT whose greedy output depends on its context;
+- export_untrained: an untrained model exported beside a prepared corpus, for `scalegpt eval`;
 - tiny_world: a tiny prepared corpus, an exported model on it and a fake run directory, made in-process
   (no subprocess, no DeepSpeed) once per test session under pytest's base temp folder."""
 
@@ -80,6 +81,17 @@ def metrics_records(steps: int = 60) -> list[dict[str, float | int | None]]:
     return out
 
 
+def export_untrained(cfg: Config, data: Path, export: Path) -> None:
+    """An untrained model of `cfg` (seed 0) in `export`, with its config and the tokenizer of the prepared
+    `data`: what `scalegpt eval` reads from a run, checkpoint or export."""
+    export.mkdir()
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / "model.safetensors"))
+    (export / "config.yaml").write_text(to_yaml(cfg))
+    shutil.copy(data / "tokenizer.json", export / "tokenizer.json")
+
+
 def tiny_world(factory: pytest.TempPathFactory) -> TinyWorld:
     root = factory.getbasetemp() / "eval-tiny-world"
     done = root / "done"
@@ -91,13 +103,7 @@ def tiny_world(factory: pytest.TempPathFactory) -> TinyWorld:
         (root / "tiny.yaml").write_text(_config_text(root))
         assert main(["prepare", str(root / "tiny.yaml")]) == 0
         cfg = load_config(root / "tiny.yaml")
-        export = root / "export"
-        export.mkdir()
-        torch.manual_seed(0)
-        model = GPT(cfg.model)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / "model.safetensors"))
-        (export / "config.yaml").write_text(to_yaml(cfg))
-        shutil.copy(root / "data" / "tokenizer.json", export / "tokenizer.json")
+        export_untrained(cfg, root / "data", root / "export")
         run = root / "run"
         run.mkdir()
         (run / "config.yaml").write_text(to_yaml(cfg))

@@ -37,6 +37,8 @@ from scalegpt.train.evaluation.fewshot import episodes, plan_tasks, run_plans
 from scalegpt.train.evaluation.tasks import TASKS, Example
 from scalegpt.train.weights import load_for_inference
 
+from eval_helpers import export_untrained
+
 TASK_NAMES = ("mc-2D+", "reverse")
 NUM = 30
 SEED = 1234  # scalegpt eval's default --seed: the queries the CLI scores are these
@@ -132,15 +134,8 @@ def build_world(root: Path) -> World:
     write_jsonl(root / "planted.jsonl", planted_documents())
     (root / "tiny.yaml").write_text(_config(root))
     assert main(["prepare", str(root / "tiny.yaml")]) == 0
-    cfg = load_config(root / "tiny.yaml")
-    export = root / "export"
-    export.mkdir()
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / "model.safetensors"))
-    (export / "config.yaml").write_text(to_yaml(cfg))
-    shutil.copy(root / "data" / "tokenizer.json", export / "tokenizer.json")
-    return World(root, root / "tiny.yaml", root / "data", export)
+    export_untrained(load_config(root / "tiny.yaml"), root / "data", root / "export")
+    return World(root, root / "tiny.yaml", root / "data", root / "export")
 
 
 @pytest.fixture(scope="module")

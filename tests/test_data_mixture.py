@@ -15,8 +15,9 @@ import pytest
 
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.data import builtin
-from scalegpt.train.data.mixture import Mixture, describe, feistel
+from scalegpt.train.data.mixture import Mixture, describe
 from scalegpt.train.data.prepare import prepare
+from scalegpt.train.data.sampling import feistel
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
 from scalegpt.train.errors import UserError
 

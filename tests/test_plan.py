@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.launch.memory import GiB
-from scalegpt.launch.plan import ResourcePlan, peak_memory, plan_resources
+from scalegpt.launch.memory import GiB, peak_memory
+from scalegpt.launch.plan import ResourcePlan, plan_resources
 from scalegpt.model.flops import count_params, flops_per_token
 from scalegpt.train.config.loading import load_config
 from scalegpt.train.errors import UserError

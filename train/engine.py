@@ -2,25 +2,29 @@
 
 The DeepSpeed JSON is generated from Config (one source of truth); the `deepspeed:` section may add
 keys but never contradict one we set. ZeRO partitioning, mixed precision, gradient accumulation and
-clipping are all DeepSpeed's; we hand-write none of them.
+clipping are all DeepSpeed's; we hand-write none of them. ``engine_step`` drives the engine through one
+optimizer step, and ``broadcast_object`` and ``on_main`` are how ranks agree on what rank 0 decided.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..model import GPT
 from ..model.flops import count_params
 from .config.schema import Config
 from .config.validation import global_batch
-from .errors import UserError
+from .errors import SharedUserError, UserError
 from .osutil import free_port
 
 
@@ -34,6 +38,28 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank, so an error found on rank 0 stops every rank instead of a hang."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(env: DistEnv, work: Callable[[], Any]) -> Any:
+    """Rank 0 does `work` (its result is rank 0's alone); every rank waits for it and raises its error, so
+    all agree before going on."""
+    error, result = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise SharedUserError(error)
+    return result
 
 
 def pick_device(name: str, *, key: str = "--device", present: bool = True) -> torch.device:
@@ -184,6 +210,60 @@ def set_lr(optimizer: Any, lr: float) -> None:
     without lr_scale (a checkpoint from before it existed, all standard) takes the LR as it is."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def engine_step(
+    engine: Any,
+    data: torch.Tensor,
+    micro_batch: int,
+    lr: float,
+    *,
+    loss_factor: float | None = None,
+    judge: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+) -> torch.Tensor:
+    """Forward, backward and step through the DeepSpeed engine for every micro batch of `data` (this rank's
+    rows of one optimizer step, n_ctx + 1 tokens each). DeepSpeed scales the loss for accumulation, reduces
+    gradients across ranks, clips, and steps the optimizer only at the accumulation boundary. Returns the
+    mean loss as a tensor, without a host-device sync. `loss_factor` (a fire drill) multiplies every loss.
+    `judge` (train.on_spike=skip) sees the step's mean loss and grad norm before the update, and when it
+    returns True the update is dropped.
+
+    The boundary is stated, not left to DeepSpeed's running micro-step counter: that counter is not reset
+    when a batch ramp changes the accumulation, so it would end steps part-way through this step's micro
+    batches (ZeRO-2 reads the stated boundary when it reduces and when it steps)."""
+    set_lr(engine.optimizer, lr)
+    engine.train()
+    total = torch.zeros((), device=data.device)
+    chunks = data.split(micro_batch)
+    for i, chunk in enumerate(chunks):
+        engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+        loss = engine(chunk[:, :-1], chunk[:, 1:])[1]  # with targets the model returns no logits
+        if loss_factor is not None:
+            loss = loss * loss_factor
+        engine.backward(loss)
+        total += loss.detach().float()
+        if judge is not None and i == len(chunks) - 1:
+            opt = engine.optimizer  # ZeRO 1 or 2 (the config checks): the norm DeepSpeed's step computes
+            if judge(total / len(chunks), opt.scaled_global_norm() / opt.loss_scale):
+                _drop_update(engine)
+                continue
+        engine.step()
+    return total / len(chunks)
+
+
+def _drop_update(engine: Any) -> None:
+    """Step through DeepSpeed's own overflow path, which zeroes the gradients, counts a skipped step and
+    leaves weights and optimizer state as they were: mark this rank's reduced gradients non-finite and
+    have the step check them (bf16 does not by default)."""
+    opt = engine.optimizer
+    for grads in opt.averaged_gradients.values():
+        for g in grads or ():
+            g.fill_(math.nan)
+    checks, opt.check_grad_overflow = opt.check_grad_overflow, True
+    try:
+        engine.step()
+    finally:
+        opt.check_grad_overflow = checks
 
 
 def deepspeed_config(cfg: Config, *, world_size: int, device: str, accumulation: int | None = None) -> dict[str, Any]:

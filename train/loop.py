@@ -28,45 +28,25 @@ from .data.mixture import Mixture
 from .data.steps import rank_indices
 from .engine import (
     DistEnv,
+    broadcast_object,
     build_engine,
     compiled_ops_note,
     deepspeed_config,
     dist_kwargs,
+    engine_step,
     init_distributed,
+    on_main,
     resolve_device,
-    set_lr,
 )
 from .errors import SharedUserError, UserError, check_writable_dir
-from .evaluation.probe import FewshotProbe
+from .evaluation.validation import Validator
 from .lifeline import watch_launcher
 from .metrics import Console, MetricsLog, StepLog
 from .osutil import atomic_write
 from .recovery import SPIKE_FACTOR, FaultDrill, Skip, SkipLog, Spike, Watchdog, peer_lost, say_peer_lost
 from .rundir import CONFIG, TOKENIZER, Hold, check_same_experiment, take
-from .schedule import Cadence, Schedule
+from .schedule import Schedule
 from .weights import check_source_tokenizer, model_from_state, resolve, source_state_dict
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's value on every rank, so an error found on rank 0 stops every rank instead of a hang."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_main(env: DistEnv, work: Callable[[], Any]) -> Any:
-    """Rank 0 does `work` (its result is rank 0's alone); every rank waits for it and raises its error, so
-    all agree before going on."""
-    error, result = None, None
-    if env.is_main:
-        try:
-            result = work()
-        except UserError as exc:
-            error = str(exc)
-    error = broadcast_object(error)
-    if error:
-        raise SharedUserError(error)
-    return result
 
 
 def hold_run_dir(cfg: Config, env: DistEnv) -> Hold | None:
@@ -81,124 +61,6 @@ def hold_run_dir(cfg: Config, env: DistEnv) -> Hold | None:
         return hold
 
     return on_main(env, work)
-
-
-def engine_step(
-    engine: Any,
-    data: torch.Tensor,
-    micro_batch: int,
-    lr: float,
-    *,
-    loss_factor: float | None = None,
-    judge: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
-) -> torch.Tensor:
-    """Forward, backward and step through the DeepSpeed engine for every micro batch of `data` (this rank's
-    rows of one optimizer step, n_ctx + 1 tokens each). DeepSpeed scales the loss for accumulation, reduces
-    gradients across ranks, clips, and steps the optimizer only at the accumulation boundary. Returns the
-    mean loss as a tensor, without a host-device sync. `loss_factor` (a fire drill) multiplies every loss.
-    `judge` (train.on_spike=skip) sees the step's mean loss and grad norm before the update, and when it
-    returns True the update is dropped.
-
-    The boundary is stated, not left to DeepSpeed's running micro-step counter: that counter is not reset
-    when a batch ramp changes the accumulation, so it would end steps part-way through this step's micro
-    batches (ZeRO-2 reads the stated boundary when it reduces and when it steps)."""
-    set_lr(engine.optimizer, lr)
-    engine.train()
-    total = torch.zeros((), device=data.device)
-    chunks = data.split(micro_batch)
-    for i, chunk in enumerate(chunks):
-        engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-        loss = engine(chunk[:, :-1], chunk[:, 1:])[1]  # with targets the model returns no logits
-        if loss_factor is not None:
-            loss = loss * loss_factor
-        engine.backward(loss)
-        total += loss.detach().float()
-        if judge is not None and i == len(chunks) - 1:
-            opt = engine.optimizer  # ZeRO 1 or 2 (the config checks): the norm DeepSpeed's step computes
-            if judge(total / len(chunks), opt.scaled_global_norm() / opt.loss_scale):
-                _drop_update(engine)
-                continue
-        engine.step()
-    return total / len(chunks)
-
-
-def _drop_update(engine: Any) -> None:
-    """Step through DeepSpeed's own overflow path, which zeroes the gradients, counts a skipped step and
-    leaves weights and optimizer state as they were: mark this rank's reduced gradients non-finite and
-    have the step check them (bf16 does not by default)."""
-    opt = engine.optimizer
-    for grads in opt.averaged_gradients.values():
-        for g in grads or ():
-            g.fill_(math.nan)
-    checks, opt.check_grad_overflow = opt.check_grad_overflow, True
-    try:
-        engine.step()
-    finally:
-        opt.check_grad_overflow = checks
-
-
-class Validator:
-    """Validation loss and bits per byte per source and for the mixture (weighted by the mixture's
-    weights), plus the optional few-shot probe; due every eval.every steps and at the last step."""
-
-    def __init__(self, cfg: Config, env: DistEnv, mixture: Mixture, run_dir: Path) -> None:
-        self.cfg, self.env, self.mixture = cfg, env, mixture
-        self.weights = mixture.validation_weights()  # a source without a validation window is left out, not 0
-        self.cadence = Cadence(cfg.eval.every, at_end=bool(cfg.eval.every))
-        self.probe = None
-        if cfg.eval.fewshot_probe:  # every rank: it is deterministic, and under ZeRO-3 forward is collective
-            self.probe = FewshotProbe.for_run(run_dir, cfg.model.n_ctx)
-
-    @staticmethod
-    def check(cfg: Config, mixture: Mixture, console: Console) -> None:
-        """Refuse a run that would evaluate with no source to evaluate on, and say once which sources the
-        mixture figures leave out: called before anything is written, so a refusal changes nothing."""
-        weights = mixture.validation_weights()
-        if cfg.eval.every and not weights.weights:
-            raise UserError(
-                f"no source has a validation window of n_ctx+1={cfg.model.n_ctx + 1} tokens, so val_loss cannot "
-                f"be computed; raise data.val_fraction and re-run scalegpt prepare, or set eval.every=0"
-            )
-        warning = weights.warning() if cfg.eval.every else None
-        if warning is not None:
-            console.print(f"scalegpt: {warning}")
-
-    def should_evaluate(self, step: int, *, last: bool) -> bool:
-        return self.cadence.due(step, last=last)
-
-    @torch.no_grad()
-    def evaluate(self, engine: Any) -> dict[str, Any]:
-        """Batches are sharded over ranks; the per-source sums stay on the device until one all-reduce and
-        one read at the end."""
-        engine.eval()
-        names = self.mixture.names
-        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.env.device)  # (source, [loss x n, n])
-        for i, name in enumerate(names):
-            batches = self.mixture.val_batches(name, self.cfg.train.micro_batch, self.cfg.eval.batches)
-            for j, data in enumerate(batches):
-                if j % self.env.world_size != self.env.rank:
-                    continue
-                data = data.to(self.env.device)
-                _, loss = engine.module(data[:, :-1], data[:, 1:])
-                n = data[:, 1:].numel()
-                sums[i, 0] += loss.detach().double() * n
-                sums[i, 1] += n
-        dist.all_reduce(sums)
-        out: dict[str, Any] = {}
-        losses, bpbs = {}, {}
-        for name, (total, count) in zip(names, sums.tolist(), strict=True):
-            if count == 0:
-                continue
-            loss = total / count
-            bpb = loss / math.log(2) / self.mixture.val_bytes_per_token(name)  # loss x tokens / (ln2 x bytes)
-            out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = loss, bpb
-            losses[name], bpbs[name] = loss, bpb
-        out["val_loss"], out["val_bpb"] = self.weights.weigh(losses), self.weights.weigh(bpbs)
-        if self.weights.left_out:
-            out["val_left_out"] = ",".join(self.weights.left_out)  # text, which wandb logs as it is
-        if self.probe is not None:
-            out.update(self.probe(engine.module))  # fewshot/mc-2D+, fewshot/2D+ at K=few
-        return out
 
 
 class Trainer:

@@ -18,11 +18,8 @@ sample, and world size, micro batch and resume cannot change the order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +33,14 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `scalegpt prep
     from ..config.schema import Config
 
 from ..errors import UserError
+from .sampling import M64, Stratum, feistel, key, name_key
 from .tokenizer import file_sha256, load_tokenizer, tokenizer_hash
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 """Manifest layout version; prepare re-makes data written with another."""
 
-_WBITS = 24  # weights are quantized to multiples of 2^-24, so apportionment is exact integer arithmetic
-_WONE = 1 << _WBITS
-_MAX_SAMPLES = 1 << 38  # wq * n must stay below 2^63
-_BLOCK_MIN = 1024
-_BLOCK_MAX = 1 << 20
-_ROUNDS = 4
-_CACHE_BLOCKS = 64
-_M64 = (1 << 64) - 1
+_MAX_SAMPLES = 1 << 38  # wq * n must stay below 2^63 (the stratum's apportionment, sampling.py)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
@@ -82,71 +73,6 @@ def check_tokenizer_file(data_dir: str | Path, manifest: dict[str, Any]) -> None
         )
 
 
-# --- keyed hashing and the Feistel permutation ----------------------------------------------------
-
-
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a fast bijective scrambler of uint64 arrays (wrapping arithmetic)."""
-    z = (z ^ (z >> _S30)) * _C1
-    z = (z ^ (z >> _S27)) * _C2
-    return z ^ (z >> _S31)
-
-
-def _key(*parts: np.ndarray | int) -> np.ndarray:
-    """Chain-hash integers (or arrays of them) into one uint64 key per element."""
-    with np.errstate(over="ignore"):
-        k = np.zeros(1, dtype=np.uint64)
-        for part in parts:
-            p = np.asarray(part)
-            p = p.astype(np.uint64) if p.dtype != object else np.asarray(int(p) & _M64, dtype=np.uint64)
-            k = _mix64(k ^ _mix64(p + np.uint64(0x9E3779B97F4A7C15)))
-        return k
-
-
-def _name_key(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-
-
-def feistel(x: np.ndarray, n: int, key: np.ndarray) -> np.ndarray:
-    """A keyed permutation of [0, n) applied to x (each element with its own key), in O(1) memory.
-
-    A Feistel network permutes [0, 2^bits) for the smallest 2^bits >= n (halves of unequal width when
-    bits is odd, swapping each round); cycle walking (re-applying it until the value lands below n)
-    restricts that to a permutation of [0, n), in under two walks on average.
-    """
-    x = np.asarray(x, dtype=np.uint64)
-    if n <= 1:
-        return np.zeros_like(x)
-    bits = max(2, (n - 1).bit_length())
-    widths = (bits - bits // 2, bits // 2)  # (left, right)
-    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
-    with np.errstate(over="ignore"):
-        round_keys = [_mix64(key ^ np.uint64((r + 1) * 0xD1B54A32D192ED03 & _M64)) for r in range(_ROUNDS)]
-
-        masks = (np.uint64((1 << widths[0]) - 1), np.uint64((1 << widths[1]) - 1))
-        shifts = (np.uint64(widths[0]), np.uint64(widths[1]))
-
-        def rounds(v: np.ndarray, sel: np.ndarray | slice) -> np.ndarray:
-            left, right = v >> shifts[1], v & masks[1]
-            for r, rk in enumerate(round_keys):  # (L, R) -> (R, L ^ F(R)): invertible whatever F is
-                left, right = right, left ^ (_mix64(right ^ rk[sel]) & masks[r % 2])
-            return (left << shifts[_ROUNDS % 2 ^ 1]) | right
-
-        y = rounds(x, slice(None))
-        out = np.flatnonzero(y >= np.uint64(n))
-        while out.size:
-            y[out] = rounds(y[out], out)
-            out = out[y[out] >= np.uint64(n)]
-    return y
-
-
-# --- the sampler ----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Stage:
     """Mixture weights from a token boundary on: sample g is in the last stage whose start_tokens
@@ -154,111 +80,6 @@ class Stage:
 
     start_tokens: int
     weights: dict[str, float]
-
-
-class _Stratum:
-    """One set of weights laid out over consecutive samples: the stratified block layout of one stage,
-    indexed by the sample's position within that stage."""
-
-    def __init__(self, names: list[str], weights: np.ndarray, block_seed: np.ndarray) -> None:
-        self.names = names
-        self.weights = weights
-        self.wq = _quantize(weights)
-        self.block = self._block_size()
-        self.block_seed = block_seed
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        # the prefetch thread and the step log both resolve samples; the cache is not safe to share unlocked
-        self._lock = threading.Lock()
-
-    def _block_size(self) -> int:
-        """Samples per stratification block: enough that every drawn source gets at least 2 in each."""
-        block = max(_BLOCK_MIN, math.ceil(2 * _WONE / int(self.wq[self.wq > 0].min())))
-        if block > _BLOCK_MAX:
-            small = self.names[int(np.argmin(np.where(self.weights > 0, self.weights, np.inf)))]
-            raise UserError(
-                f"the weight of source {small!r} is under {2 / _BLOCK_MAX:.1g} of the total, too small to "
-                f"stratify; raise it or drop the source"
-            )
-        return block
-
-    def cum(self, blocks: np.ndarray) -> np.ndarray:
-        """Samples of each source among the first blocks*B samples: (len(blocks), n_sources)."""
-        n = blocks.astype(np.int64) * self.block
-        prod = n[:, None] * self.wq[None, :]
-        floor, frac = prod >> _WBITS, prod & (_WONE - 1)
-        spare = n - floor.sum(axis=1)  # below the count of non-zero remainders, so no unweighted source gets one
-        order = np.argsort(-frac, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-        return floor + (rank < spare[:, None])
-
-    def layout(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """block_layouts through a small cache: training reads consecutive indices, so one block's
-        layout serves many batches. Pure, so caching cannot change a sample."""
-        if len(blocks) == 0:
-            return np.zeros((0, self.block), np.int64), np.zeros((0, self.block), np.int64)
-        with self._lock:
-            missing = [int(b) for b in blocks if int(b) not in self._cache]
-            if missing:
-                src, ordinal = self.block_layouts(np.array(missing, dtype=np.int64))
-                for j, b in enumerate(missing):
-                    self._cache[b] = (src[j], ordinal[j])
-            pairs = [self._cache[int(b)] for b in blocks]
-            while len(self._cache) > max(_CACHE_BLOCKS, len(blocks)):
-                self._cache.popitem(last=False)
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-    def block_layouts(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each block: the source of each of its B positions, and that sample's ordinal within its
-        source. Sources get their apportioned counts in keyed pseudo-random positions; a source's
-        ordinals increase with the position, so its samples run in order and an epoch ends before
-        the next begins."""
-        before = self.cum(blocks)
-        count = self.cum(blocks + 1) - before
-        bounds = np.cumsum(count, axis=1)  # (U, k): slot ranges of each source
-        u, b, k = len(blocks), self.block, len(self.names)
-        keys = np.repeat(_key(self.block_seed, blocks), b)
-        slots = feistel(np.tile(np.arange(b), u), b, keys).astype(np.int64).reshape(u, b)
-        row = np.arange(u)[:, None]
-        src = np.searchsorted((bounds + row * (b + 1)).ravel(), (slots + row * (b + 1)).ravel(), side="right")
-        src = src.reshape(u, b) - row * k
-        order = np.argsort(src, axis=1, kind="stable")  # grouped by source, positions ascending
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(b), (u, b)), axis=1)
-        first = np.take_along_axis(bounds - count, src, axis=1)  # start of each position's group
-        ordinal = np.take_along_axis(before, src, axis=1) + rank - first
-        return src, ordinal
-
-    def locate(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source, ordinal within the source's draws in this stratum) of positions within it."""
-        blocks, pos = np.divmod(local, self.block)
-        uniq, inv = np.unique(blocks, return_inverse=True)
-        src_at, ordinal_at = self.layout(uniq)
-        return src_at[inv, pos], ordinal_at[inv, pos]
-
-    def counts(self, n: int) -> np.ndarray:
-        """Samples of each source among this stratum's first n positions."""
-        full, rest = divmod(int(n), self.block)
-        out = self.cum(np.array([full]))[0]
-        if rest:
-            src, _ = self.layout(np.array([full]))
-            out = out + np.bincount(src[0, :rest], minlength=len(self.names))
-        return out
-
-
-def _quantize(w: np.ndarray) -> np.ndarray:
-    """Weights as integers summing to exactly 2^24 (largest remainders get the spare units); a zero
-    weight stays zero."""
-    scaled = w * _WONE
-    q = np.floor(scaled).astype(np.int64)
-    order = np.argsort(-(scaled - q), kind="stable")
-    order = order[w[order] > 0]
-    spare = _WONE - int(q.sum())  # in [0, n) up to float rounding, which the loop absorbs
-    for k in range(abs(spare)):
-        q[order[k % len(order)] if spare > 0 else order[-1 - k % len(order)]] += 1 if spare > 0 else -1
-    if q[w > 0].min() < 1:
-        raise UserError(f"a mixture weight below 2^-{_WBITS} of the total cannot be sampled; raise it")
-    return q
 
 
 _ID_CHECK_TOKENS = 1 << 26
@@ -320,20 +141,20 @@ class Mixture:
         self._train = np.array([e["train"]["tokens"] for e in entries], dtype=np.int64)
         self.windows = self._windows()
         """Windows of n_ctx+1 tokens per epoch of each source's train split."""
-        seed_key = _key(self.seed & _M64, 0x5EED)
+        seed_key = key(self.seed & M64, 0x5EED)
         self.stages: list[Stage] = [Stage(0, dict(self.raw_weights)), *self._check_stages(stages)]
         self.stage_weights: list[np.ndarray] = [self.weights, *(self._normalize(s) for s in self.stages[1:])]
         """Each stage's weights, normalized, in the order of names."""
-        block_seed = _key(seed_key, 0xB10C)  # the first stage keeps the key a mixture without stages has
+        block_seed = key(seed_key, 0xB10C)  # the first stage keeps the key a mixture without stages has
         self._strata = [
-            _Stratum(self.names, w, block_seed if s == 0 else _key(block_seed, s))
+            Stratum(self.names, w, block_seed if s == 0 else key(block_seed, s))
             for s, w in enumerate(self.stage_weights)
         ]
         self.block = self._strata[0].block
         self.stage_starts = np.array([-(-s.start_tokens // self.n_ctx) for s in self.stages], dtype=np.int64)
         """The global index of each stage's first sample: the first g with g x n_ctx >= start_tokens."""
         self._offsets = self._stage_offsets()
-        self._source_keys = np.array([int(_key(seed_key, _name_key(n))[0]) for n in self.names], dtype=np.uint64)
+        self._source_keys = np.array([int(key(seed_key, name_key(n))[0]) for n in self.names], dtype=np.uint64)
 
     @classmethod
     def for_config(
@@ -452,7 +273,7 @@ class Mixture:
         for i in np.unique(src):
             sel = src == i
             epoch, k = np.divmod(ordinal[sel], self.windows[i])
-            window = feistel(k, int(self.windows[i]), _key(self._source_keys[i], epoch))
+            window = feistel(k, int(self.windows[i]), key(self._source_keys[i], epoch))
             start[sel] = window.astype(np.int64) * self.n_ctx
         return src, start
 

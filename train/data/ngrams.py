@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .mixture import _mix64
+from .sampling import mix64
 
 PAPER_MIN_N, PAPER_MAX_N = 8, 13
 WHOLE = 0
@@ -79,10 +79,10 @@ def gram_hashes(word_hashes: np.ndarray, n: int, doc_lengths: Sequence[int] | No
     if n < 1 or m < 1:
         return np.empty(0, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        mixed = _mix64(word_hashes + _GOLDEN)
+        mixed = mix64(word_hashes + _GOLDEN)
         acc = np.full(m, np.uint64(n), dtype=np.uint64)
         for j in range(n):
-            acc = _mix64(acc ^ mixed[j : j + m])
+            acc = mix64(acc ^ mixed[j : j + m])
     if doc_lengths is None:
         return acc
     doc = np.repeat(np.arange(len(doc_lengths)), np.asarray(doc_lengths, dtype=np.int64))
