@@ -43,6 +43,7 @@ def test_past_the_size_limit_sampled_blocks_stand_in_and_still_catch_a_rewritten
         checksum.verify(tmp_path, manifest)
 
 
+@pytest.mark.slow  # it trains
 def test_data_prepared_before_checksums_trains_unverified_until_prepare_records_them(
     prepared: Path, tmp_path: Path
 ) -> None:

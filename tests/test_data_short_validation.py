@@ -17,6 +17,8 @@ import pytest
 
 from e2e import metrics, scalegpt
 
+pytestmark = pytest.mark.slow  # every case trains a run
+
 WEIGHTS = {"arithmetic": 0.5, "prose": 0.3, "short": 0.2}
 
 
