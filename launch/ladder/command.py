@@ -13,6 +13,7 @@ from ...train.config.loading import load_config
 from ...train.errors import UserError
 from ...train.osutil import write_json_atomic
 from .. import plot
+from .coord import coord_command
 from .figure import ladder_figure
 from .fit import fit_all
 from .plan import LadderPlan, Rung, describe_plan, plan_ladder, plan_summary
@@ -130,6 +131,8 @@ def _train_pending(plan: LadderPlan, launch: argparse.Namespace | None, summary:
 
 def ladder_command(args: argparse.Namespace) -> int:
     """Entry point of `scalegpt ladder` (its parser: options.py)."""
+    if args.coord_check:
+        return coord_command(args)
     started = time.monotonic()
     if args.sizes:  # `--sizes 64 128 run.dir=x`: argparse gives the override to --sizes; it is an override
         args.overrides = [*args.overrides, *(s for s in args.sizes if "=" in s)]
