@@ -1,18 +1,23 @@
 """`scalegpt ladder --coord-check`: the μP coordinate check through the real command. Its JSON holds one
 record per width, parametrization and layer; a recorded size equals one computed here from the model's
 parameters, after an optimizer step whose μP groups are built here by hand; under μP the logits and the
-blocks drift less with width than under the standard parametrization; bad widths are one-line errors."""
+blocks drift less with width than under the standard parametrization. `--lr-sweep`: every width at every
+learning rate, as ordinary rungs, and the best per width is the argmin of their final losses. Bad widths
+and sweep values are one-line errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from scalegpt.launch.cli import main
 from scalegpt.model.config import ModelConfig
 from scalegpt.model.gpt import build_model
 from scalegpt.train.config.loading import load_config
@@ -138,19 +143,87 @@ def test_under_mup_activations_drift_less_with_width(coord: tuple[Path, list[str
 
 
 @pytest.mark.parametrize(
-    ("widths", "complaint"),
+    ("args", "complaint"),
     [
-        ("64,abc", "'abc' is not a whole number"),
-        ("64,-32", "every width must be positive, got -32"),
-        ("64,0", "every width must be positive, got 0"),
-        ("64", "give at least two different widths"),
-        ("30,64", "30 not divisible by model.n_head=4"),
+        (["--coord-check", "--widths", "64,abc"], "'abc' is not a whole number"),
+        (["--coord-check", "--widths", "64,-32"], "every width must be positive, got -32"),
+        (["--coord-check", "--widths", "64,0"], "every width must be positive, got 0"),
+        (["--coord-check", "--widths", "64"], "give at least two different widths"),
+        (["--coord-check", "--widths", "30,64"], "30 not divisible by model.n_head=4"),
+        (["--coord-check", "--coord-steps", "0"], "--coord-steps must be at least 1, got 0"),
+        (["--lr-sweep", "1e-3,abc"], "'abc' is not a number"),
+        (["--lr-sweep", "1e-3,0"], "every learning rate must be a positive number, got 0"),
+        (["--lr-sweep", "1e-3,nan"], "every learning rate must be a positive number, got nan"),
+        (["--lr-sweep", "1e-3,0.001"], "a learning rate is listed twice"),
+        (["--lr-sweep", "1e-3", "--axis", "model.n_ctx=64,128"], "give it or --axis, not both"),
     ],
 )
-def test_bad_widths_are_one_error_line(tmp_path: Path, widths: str, complaint: str) -> None:
-    proc = scalegpt(
-        "ladder", SMOKE, f"run.dir={tmp_path / 'c'}", "--coord-check", "--widths", widths, check=False, timeout=120
-    )
-    assert proc.returncode == 2
-    assert complaint in one_error_line(proc.stderr)
+def test_bad_widths_and_sweeps_are_one_error_line(
+    tmp_path: Path, args: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["ladder", SMOKE, f"run.dir={tmp_path / 'c'}", *args])
+    assert code == 2
+    assert complaint in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "c").exists()
+
+
+# -- the learning-rate sweep --------------------------------------------------------------------------------
+def test_a_sweep_trains_every_width_at_every_learning_rate_unscaled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan: one rung per (learning rate, width), each at the swept value whatever its width, where a
+    plain ladder scales optim.lr by the width (--lr-exponent)."""
+    args = ["--sizes", "32", "64", "--lr-sweep", "3e-3,0.001", "--launch", "--procs", "1", "--dry-run"]
+    assert main(["ladder", SMOKE, f"run.dir={tmp_path / 's'}", *args]) == 0
+    out = capsys.readouterr().out
+    assert "lr swept over 0.001, 0.003 at every width" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("optim.lr=")]
+    assert [(r[0], r[1], float(r[-1])) for r in rows] == [
+        ("optim.lr=0.001", "L1-d32", 0.001),
+        ("optim.lr=0.001", "L1-d64", 0.001),
+        ("optim.lr=0.003", "L1-d32", 0.003),
+        ("optim.lr=0.003", "L1-d64", 0.003),
+    ]
+
+
+@pytest.mark.slow
+def test_a_sweep_reports_the_argmin_of_each_widths_final_loss(prepared: Path, tmp_path: Path) -> None:
+    """Two widths at two learning rates under μP, through the real command: each rung is an ordinary run at
+    its learning rate; the best per width is the argmin of the rungs' final validation losses read here
+    from their metrics.jsonl; a second run trains nothing."""
+    ladder = tmp_path / "sweep"
+    args = [
+        "ladder",
+        SMOKE,
+        f"run.dir={ladder}",
+        f"data.dir={prepared}",
+        *SMALL_DATA,
+        "model.parametrization=mup",
+        "model.mup_base_d_model=32",
+        "model.mup_base_d_head=32",
+        *["--sizes", "32", "64", "--tokens", "8192", "--evals", "1", "--checkpoints", "1"],
+        *["--lr-sweep", "1e-2,0.001"],
+    ]
+    out = scalegpt(*args, timeout=600).stdout
+    summary = json.loads((ladder / "ladder.json").read_text())
+    assert summary["lr_sweep"] == ["0.001", "0.01"]
+    final: dict[int, dict[float, float]] = {}
+    for lr in ("0.001", "0.01"):
+        for rung in ("L1-d32", "L1-d64"):
+            run = ladder / f"optim.lr={lr}" / rung
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            assert cfg["optim"]["lr"] == float(lr) and cfg["model"]["parametrization"] == "mup"
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in rows if r.get("step") == 4 and "val_loss" in r]
+            final.setdefault(cfg["model"]["d_model"], {})[float(lr)] = last[-1]["val_loss"]
+    expect = [(d, min(losses, key=losses.__getitem__)) for d, losses in sorted(final.items())]
+    best = summary["lr_sweep_best"]
+    assert [(b["d_model"], b["lr"]) for b in best] == expect
+    assert [b["val_loss"] for b in best] == [final[d][lr] for d, lr in expect]
+    for (d, lr), b in zip(expect, best, strict=True):
+        assert re.search(rf"{b['name']} .*{final[d][lr]:.4f}\*\s+{lr:g} \(2 of 2 done\)", out), out[-2000:]
+    assert (ladder / "lr_sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+    again = scalegpt(*args, timeout=600).stdout
+    assert again.count("finished earlier, not trained again") == 4
+    assert json.loads((ladder / "ladder.json").read_text())["lr_sweep_best"] == best

@@ -19,6 +19,7 @@ from .fit import fit_all
 from .plan import LadderPlan, Rung, describe_plan, plan_ladder, plan_summary
 from .results import CAVEAT, LADDER_JSON, LADDER_PNG, GroupFit, Outcome, RungInfo, outcome
 from .run import check_rung_config, launch_namespace, prepare_data, run_rung, rung_world_size
+from .sweep import SWEEP_PNG, best_lrs, sweep_figure, sweep_lines
 
 
 def summary_lines(outcomes: list[Outcome], fits: list[GroupFit]) -> list[str]:
@@ -74,13 +75,18 @@ def refresh(
         "fits": [g.to_json() for g in fits],
         "caveat": CAVEAT,
     }
+    best = best_lrs(outcomes) if summary.get("lr_sweep") else None
+    if best is not None:
+        summary["lr_sweep_best"] = [b.to_json() for b in best]
     if write:
         write_json_atomic(ladder_dir / LADDER_JSON, summary)
-    lines = summary_lines(outcomes, fits)
+    lines = summary_lines(outcomes, fits) + ([] if best is None else sweep_lines(outcomes, best))
     if not any(o.finished for o in outcomes):
         return lines, None
     out = png or ladder_dir / LADDER_PNG
     plot.save_png(ladder_figure(outcomes, fits, title=_title(ladder_dir, summary), caveat=CAVEAT), out)
+    if best is not None:
+        plot.save_png(sweep_figure(outcomes, best, _title(ladder_dir, summary)), out.with_name(SWEEP_PNG))
     return lines, out
 
 
@@ -164,7 +170,8 @@ def ladder_command(args: argparse.Namespace) -> int:
             _say("run the same command again once they finish: it fits the finished rungs and lists the rest")
         else:
             _say("run the same command again to train them: a stopped rung resumes from its checkpoint")
-    _say(f"wrote {plan.ladder_dir / LADDER_JSON}" + (f" and {png}" if png else ""))
+    sweep_png = f" and {png.with_name(SWEEP_PNG)}" if png and plan.sweep else ""
+    _say(f"wrote {plan.ladder_dir / LADDER_JSON}" + (f" and {png}" if png else "") + sweep_png)
     _say(f"note: {CAVEAT}")
     return 0
 

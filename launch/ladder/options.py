@@ -69,6 +69,13 @@ def add_parser(sub: _Subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("--axis", default=None, metavar="KEY=V1,V2", help="run the ladder once per value of a config key")
     s.add_argument(
+        "--lr-sweep",
+        default=None,
+        metavar="LR1,LR2,...",
+        help="train every rung at each of these learning rates (the same at every width) and report the best "
+        "per width (ladder.json, lr_sweep.png)",
+    )
+    s.add_argument(
         "--coord-check",
         action="store_true",
         help="instead of a ladder: the μP coordinate check, a few steps at each of --widths under both "
