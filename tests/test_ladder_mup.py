@@ -151,6 +151,7 @@ def test_under_mup_activations_drift_less_with_width(coord: tuple[Path, list[str
         (["--coord-check", "--widths", "64"], "give at least two different widths"),
         (["--coord-check", "--widths", "30,64"], "30 not divisible by model.n_head=4"),
         (["--coord-check", "--coord-steps", "0"], "--coord-steps must be at least 1, got 0"),
+        (["--coord-check", "--lr-sweep", "1e-3"], "--coord-check trains no rungs, so it takes no --lr-sweep"),
         (["--lr-sweep", "1e-3,abc"], "'abc' is not a number"),
         (["--lr-sweep", "1e-3,0"], "every learning rate must be a positive number, got 0"),
         (["--lr-sweep", "1e-3,nan"], "every learning rate must be a positive number, got nan"),

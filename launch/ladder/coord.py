@@ -41,6 +41,7 @@ from .run import prepare_once
 
 COORD_JSON = "coord.json"
 COORD_PNG = "coord.png"
+_RUNG_FLAGS = {"--sizes": "sizes", "--lr-sweep": "lr_sweep", "--axis": "axis", "--launch": "launch"}
 
 
 def parse_widths(text: str) -> list[int]:
@@ -172,6 +173,9 @@ def coord_figure(runs: list[WidthRun], layers: list[str], title: str) -> Figure:
 def coord_command(args: argparse.Namespace) -> int:
     """`scalegpt ladder CONFIG --coord-check`: train, write coord.json and coord.png, print the growth table."""
     started = time.monotonic()
+    ignored = [flag for flag, given in _RUNG_FLAGS.items() if getattr(args, given) is not None]
+    if ignored:  # refused, not ignored: the check trains no rungs, so these would silently do nothing
+        raise UserError(f"--coord-check trains no rungs, so it takes no {', '.join(ignored)}; use --widths")
     widths = parse_widths(args.widths)
     if args.coord_steps < 1:
         raise UserError(f"--coord-steps must be at least 1, got {args.coord_steps}")
