@@ -202,5 +202,5 @@ def plot_ladder_dir(path: Path, out: Path | None) -> int | None:
         )
     for line in lines:
         _say(line)
-    _say(f"wrote {png}")
+    _say(f"wrote {png}" + (f" and {png.with_name(SWEEP_PNG)}" if summary.get("lr_sweep") else ""))
     return 0
