@@ -13,6 +13,8 @@ evaluated and resumed on its own; the ladder only decides what each rung is and 
     LADDER/ladder.png               the figure (figure.py)
     LADDER/L2-d128/                 a rung: config.yaml, metrics.jsonl, checkpoints/
     LADDER/model.n_ctx=256/L2-d128/ a rung of one value of --axis
+    LADDER/optim.lr=0.003/L2-d128/  a rung of one learning rate of --lr-sweep (and lr_sweep.png)
+    LADDER/coord.json, coord.png    --coord-check's records and figure
 
 One job per module, each importing only those above it in this list:
     options.py  the command's arguments (light: every `scalegpt` command builds its parser)
@@ -20,6 +22,8 @@ One job per module, each importing only those above it in this list:
     results.py  what the ladder produces: each rung's state on disk, and the fitted power laws
     fit.py      the power-law fits of one frontier
     figure.py   the figure, from results only
+    sweep.py    --lr-sweep's results: the best learning rate per width, its table and figure
+    coord.py    --coord-check, the μP coordinate check (in this process; it trains no rungs)
     run.py      training one rung, in a child `scalegpt train` or through `scalegpt launch`
     command.py  `scalegpt ladder`, and `scalegpt plot` of a ladder directory
 """

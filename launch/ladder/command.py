@@ -13,11 +13,13 @@ from ...train.config.loading import load_config
 from ...train.errors import UserError
 from ...train.osutil import write_json_atomic
 from .. import plot
+from .coord import coord_command
 from .figure import ladder_figure
 from .fit import fit_all
 from .plan import LadderPlan, Rung, describe_plan, plan_ladder, plan_summary
 from .results import CAVEAT, LADDER_JSON, LADDER_PNG, GroupFit, Outcome, RungInfo, outcome
 from .run import check_rung_config, launch_namespace, prepare_data, run_rung, rung_world_size
+from .sweep import SWEEP_PNG, best_lrs, sweep_figure, sweep_lines
 
 
 def summary_lines(outcomes: list[Outcome], fits: list[GroupFit]) -> list[str]:
@@ -73,13 +75,18 @@ def refresh(
         "fits": [g.to_json() for g in fits],
         "caveat": CAVEAT,
     }
+    best = best_lrs(outcomes) if summary.get("lr_sweep") else None
+    if best is not None:
+        summary["lr_sweep_best"] = [b.to_json() for b in best]
     if write:
         write_json_atomic(ladder_dir / LADDER_JSON, summary)
-    lines = summary_lines(outcomes, fits)
+    lines = summary_lines(outcomes, fits) + ([] if best is None else sweep_lines(outcomes, best))
     if not any(o.finished for o in outcomes):
         return lines, None
     out = png or ladder_dir / LADDER_PNG
     plot.save_png(ladder_figure(outcomes, fits, title=_title(ladder_dir, summary), caveat=CAVEAT), out)
+    if best is not None:
+        plot.save_png(sweep_figure(outcomes, best, _title(ladder_dir, summary)), out.with_name(SWEEP_PNG))
     return lines, out
 
 
@@ -130,6 +137,8 @@ def _train_pending(plan: LadderPlan, launch: argparse.Namespace | None, summary:
 
 def ladder_command(args: argparse.Namespace) -> int:
     """Entry point of `scalegpt ladder` (its parser: options.py)."""
+    if args.coord_check:
+        return coord_command(args)
     started = time.monotonic()
     if args.sizes:  # `--sizes 64 128 run.dir=x`: argparse gives the override to --sizes; it is an override
         args.overrides = [*args.overrides, *(s for s in args.sizes if "=" in s)]
@@ -161,7 +170,8 @@ def ladder_command(args: argparse.Namespace) -> int:
             _say("run the same command again once they finish: it fits the finished rungs and lists the rest")
         else:
             _say("run the same command again to train them: a stopped rung resumes from its checkpoint")
-    _say(f"wrote {plan.ladder_dir / LADDER_JSON}" + (f" and {png}" if png else ""))
+    sweep_png = f" and {png.with_name(SWEEP_PNG)}" if png and plan.sweep else ""
+    _say(f"wrote {plan.ladder_dir / LADDER_JSON}" + (f" and {png}" if png else "") + sweep_png)
     _say(f"note: {CAVEAT}")
     return 0
 
@@ -192,5 +202,5 @@ def plot_ladder_dir(path: Path, out: Path | None) -> int | None:
         )
     for line in lines:
         _say(line)
-    _say(f"wrote {png}")
+    _say(f"wrote {png}" + (f" and {png.with_name(SWEEP_PNG)}" if summary.get("lr_sweep") else ""))
     return 0

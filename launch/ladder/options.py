@@ -69,6 +69,32 @@ def add_parser(sub: _Subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("--axis", default=None, metavar="KEY=V1,V2", help="run the ladder once per value of a config key")
     s.add_argument(
+        "--lr-sweep",
+        default=None,
+        metavar="LR1,LR2,...",
+        help="train every rung at each of these learning rates (the same at every width) and report the best "
+        "per width (ladder.json, lr_sweep.png)",
+    )
+    s.add_argument(
+        "--coord-check",
+        action="store_true",
+        help="instead of a ladder: the μP coordinate check, a few steps at each of --widths under both "
+        "parametrizations, recording each layer's activation size (coord.json, coord.png)",
+    )
+    s.add_argument(
+        "--widths",
+        default="64,128,256,512,1024",
+        metavar="W1,W2,...",
+        help="--coord-check: the widths (d_model) to train; the smallest is μP's base (default %(default)s)",
+    )
+    s.add_argument(
+        "--coord-steps",
+        type=int,
+        default=4,
+        metavar="N",
+        help="--coord-check: optimizer steps per width (default %(default)s)",
+    )
+    s.add_argument(
         "--launch",
         nargs=argparse.REMAINDER,
         default=None,

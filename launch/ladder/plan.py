@@ -177,6 +177,27 @@ def parse_axis(spec: str) -> Axis:
     return Axis(key, items)
 
 
+SWEEP_KEY = "optim.lr"
+"""The key --lr-sweep is an axis over (sweep.py reads its results)."""
+
+
+def parse_sweep(text: str) -> list[str]:
+    """`--lr-sweep 1e-3,3e-3`: positive finite numbers, no repeats, smallest first, each written as %g so
+    that one learning rate has one rung directory however it was typed."""
+    values: list[float] = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise UserError(f"--lr-sweep {text!r}: {item!r} is not a number; write e.g. 1e-3,3e-3,1e-2") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr-sweep {text!r}: every learning rate must be a positive number, got {item}")
+        values.append(lr)
+    if len(set(values)) != len(values):
+        raise UserError(f"--lr-sweep {text!r}: a learning rate is listed twice")
+    return [f"{v:g}" for v in sorted(values)]
+
+
 @dataclass(frozen=True)
 class LadderPlan:
     """Everything decided before the first rung trains; every rung's config is loaded and checked."""
@@ -191,6 +212,11 @@ class LadderPlan:
     axis: Axis | None
     rungs: list[Rung]
     reference: Config = field(compare=False)
+
+    @property
+    def sweep(self) -> bool:
+        """Whether this ladder is a learning-rate sweep (--lr-sweep): its axis is optim.lr."""
+        return self.axis is not None and self.axis.key == SWEEP_KEY
 
     def budget_text(self) -> str:
         if self.budget == "tokens_per_param":
@@ -273,7 +299,10 @@ def _plan_rung(
     schedule = Schedule.from_config(base, world_size=recipe.world_size)
     budget = schedule.steps_to_reach(recipe.budget_value * n if target is None else target)
     steps, tokens = budget.steps, budget.tokens
-    lr = recipe.lr * (recipe.d_ref / shape.d_model) ** recipe.lr_exponent
+    if axis and axis[0].key == SWEEP_KEY:  # a learning-rate sweep: the same value at every width
+        lr = float(axis[1])
+    else:
+        lr = recipe.lr * (recipe.d_ref / shape.d_model) ** recipe.lr_exponent
     rel = Path(axis[0].label(axis[1]).replace("/", "_")) / shape.name if axis else Path(shape.name)
     overrides = [*args.overrides, *axis_over, *_rung_overrides(shape, recipe, steps, tokens, lr, ladder_dir / rel)]
     try:
@@ -325,7 +354,10 @@ def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
     if len({s.name for s in shapes}) != len(shapes):
         raise UserError(f"--sizes gives the same shape twice: {' '.join(s.name for s in shapes)}")
     shapes.sort(key=lambda s: count_params(replace(ref.model, n_layer=s.n_layer, d_model=s.d_model, n_head=s.n_head)))
-    axis = parse_axis(args.axis) if args.axis else None
+    if args.lr_sweep is not None and args.axis:
+        raise UserError("--lr-sweep is an axis over optim.lr: give it or --axis, not both")
+    axis = Axis(SWEEP_KEY, parse_sweep(args.lr_sweep)) if args.lr_sweep is not None else None
+    axis = parse_axis(args.axis) if args.axis else axis
     if axis is not None:
         _check_axis(args, axis)
     recipe = _recipe(args, ref, world_size)
@@ -349,9 +381,11 @@ def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
 def describe_plan(plan: LadderPlan) -> list[str]:
     """The size rule, each rung's shape and budget, and where the shapes depart from Table 2.1."""
     ref = plan.reference
+    lr_rule = f"lr = {ref.optim.lr:g} x ({ref.model.d_model} / d_model)^{plan.lr_exponent:g}"
+    if plan.sweep:
+        lr_rule = f"lr swept over {', '.join(plan.axis.values)} at every width"  # type: ignore[union-attr]
     lines = [
-        f"ladder {plan.ladder_dir}: {len(plan.rungs)} rung(s), {plan.budget_text()}, "
-        f"lr = {ref.optim.lr:g} x ({ref.model.d_model} / d_model)^{plan.lr_exponent:g}",
+        f"ladder {plan.ladder_dir}: {len(plan.rungs)} rung(s), {plan.budget_text()}, {lr_rule}",
         f"size rule (GPT-3 Table 2.1 scaled down): {plan.rule.describe()}",
         f"{'rung':<28} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_head':>6} {'params':>10} "
         f"{'tokens':>11} {'steps':>6} {'FLOPs':>9} {'lr':>9}",
@@ -386,6 +420,7 @@ def plan_summary(plan: LadderPlan) -> dict[str, Any]:
         "budget_text": plan.budget_text(),
         "lr": {"reference": ref.optim.lr, "d_model": ref.model.d_model, "exponent": plan.lr_exponent},
         "axis": None if plan.axis is None else {"key": plan.axis.key, "values": plan.axis.values},
+        "lr_sweep": plan.axis.values if plan.sweep else None,  # type: ignore[union-attr]
         "data": ", ".join(f"{s.name} {s.weight:g}" for s in ref.data.sources),
         "rungs": [vars(r.info) for r in plan.rungs],
     }

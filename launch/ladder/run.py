@@ -99,7 +99,11 @@ def prepare_data(plan: LadderPlan) -> None:
         if rung.cfg.data in done:
             continue
         done.append(rung.cfg.data)
-        argv = [sys.executable, "-m", "scalegpt", "prepare", plan.config, *plan.overrides, *rung.axis_override]
-        code = subprocess.run(argv).returncode
-        if code != 0:
-            raise UserError(f"`scalegpt prepare {plan.config}` failed (exit code {code}); see its message above")
+        prepare_once(plan.config, [*plan.overrides, *rung.axis_override])
+
+
+def prepare_once(config: str, overrides: list[str]) -> None:
+    """`scalegpt prepare CONFIG overrides` in a child process, as a user would type it."""
+    code = subprocess.run([sys.executable, "-m", "scalegpt", "prepare", config, *overrides]).returncode
+    if code != 0:
+        raise UserError(f"`scalegpt prepare {config}` failed (exit code {code}); see its message above")
