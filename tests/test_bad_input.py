@@ -530,6 +530,7 @@ def test_disk_full_during_export_names_the_folder_and_leaves_nothing(
         assert (disk / "kept.txt").read_text() == "was here before\n"
 
 
+@pytest.mark.slow  # a real prepare on a small tmpfs
 def test_disk_full_during_prepare_names_data_dir_and_keeps_the_prepared_data(tmp_path: Path) -> None:
     small = ["data.sources.0.builtin_mb=0.05", "data.sources.1.builtin_mb=0.05", "data.sources.2.builtin_mb=0.05"]
     with _tmpfs(tmp_path / "disk", "1m") as disk:
@@ -548,6 +549,7 @@ def _export_tmp(parent: Path) -> list[Path]:
     return sorted(parent.glob(".out.export@*"))
 
 
+@pytest.mark.slow  # a real export, stopped
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_an_interrupted_export_removes_its_temporary_folder(inputs: Inputs, tmp_path: Path, sig: int) -> None:
     proc = _scalegpt("export", str(inputs.paths["export"]), "--format", "hf", str(tmp_path / "out"))
@@ -558,6 +560,7 @@ def test_an_interrupted_export_removes_its_temporary_folder(inputs: Inputs, tmp_
     assert not _export_tmp(tmp_path) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a real export, killed
 def test_the_next_export_removes_what_a_killed_one_left(
     inputs: Inputs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -787,6 +790,7 @@ def test_a_refused_resume_changes_nothing_and_makes_no_run_dir(inputs: Inputs, t
     assert code == 2 and not (tmp_path / "new-run").exists(), err[-3000:]
 
 
+@pytest.mark.slow  # a real prepare, stopped
 def test_ctrl_c_during_prepare_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     big = ["data.sources.0.builtin_mb=4", "data.sources.1.builtin_mb=4", "data.sources.2.builtin_mb=4"]

@@ -399,6 +399,7 @@ CURATE = [
 SMOKE_TASKS = ["2D+", "mc-2D+", "3D+", "reverse", "cycle", "insert"]
 
 
+@pytest.mark.slow  # it prepares the smoke mixture twice
 def test_decontaminated_smoke_mixture_has_no_dirty_query(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from e2e import SMALL_DATA, SMOKE
 

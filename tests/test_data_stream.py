@@ -200,6 +200,7 @@ def big(tokenizer_path: Path, tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.mark.slow  # a real prepare, killed
 def test_kill_9_mid_tokenizing_leaves_nothing_complete_and_the_rerun_redoes_only_the_rest(big, tmp_path) -> None:
     d = tmp_path / "d"
     proc = start(big(with_small=True))

@@ -142,6 +142,7 @@ def test_inspect_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pyt
     assert "has no config.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # its fixture walks millions of samples
 def test_a_long_walk_through_skipped_samples_shows_progress(
     weighted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

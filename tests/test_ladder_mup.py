@@ -41,6 +41,7 @@ def coord(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     return out, overrides, json.loads((out / "coord.json").read_text())
 
 
+@pytest.mark.slow  # it trains three widths in-process
 def test_coord_check_writes_one_record_per_width_parametrization_and_layer(coord: tuple[Path, list[str], dict]) -> None:
     out, _, data = coord
     assert data["widths"] == WIDTHS and data["mup_base_d_model"] == 32 and data["layers"] == LAYERS

@@ -4,6 +4,8 @@ one does: resume, two processes, the batch ramp, export to Hugging Face, sample 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from dataclasses import replace
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from scalegpt.launch.cli import main
 from scalegpt.model import GPT, ModelConfig, build_model
 from scalegpt.model.hf import hf_config, to_hf, to_hf_state_dict
 from scalegpt.train.checkpoint import checkpoint_dir
@@ -24,6 +27,7 @@ from scalegpt.train.engine import param_groups, set_lr
 
 from conftest import TEN_STEPS, once_per_session
 from e2e import SMOKE, fork_run, losses, metrics, scalegpt, train
+from helpers import one_error_line
 
 SHAPE = dict(n_layer=2, n_head=4, n_ctx=16, vocab_size=50)
 BASE, WIDE = 32, 128  # m = 4
@@ -205,11 +209,13 @@ def test_a_mup_model_exports_as_a_standard_one_with_equal_logits(changes: dict) 
 
 # -- the keys as a user sets them ------------------------------------------------------------------------
 def error_line(*args: str) -> str:
-    proc = scalegpt(*args, check=False)
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scalegpt: error: "), proc.stderr[-2000:]
-    return lines[0]
+    """`scalegpt ARGS` through the command's own entry point, in-process (test_spike keeps one real process
+    to prove the command prints the same line and exits 2)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    assert code == 2, (code, err.getvalue()[-2000:])
+    return one_error_line(err.getvalue())
 
 
 MUP = ["model.parametrization=mup", "model.mup_base_d_model=32"]
@@ -264,6 +270,7 @@ def _export_folder(folder: Path, overrides: list[str]) -> Path:
     return folder
 
 
+@pytest.mark.slow  # it exports three models
 def test_mup_from_standard_weights_is_refused_and_from_mup_weights_inherited(tmp_path: Path) -> None:
     for source in (_standard_hf_folder(tmp_path / "hf"), _export_folder(tmp_path / "std", [])):
         line = error_line("train", SMOKE, "--dry-run", f"model.init_from={source}", f"data.tokenizer={source}", *MUP)
