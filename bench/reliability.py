@@ -287,7 +287,8 @@ class Trial:
     detail: str = ""
 
 
-HOLDER = re.compile(r"run\.dir \S+ is in use by scalegpt train on host (\S+), process (\d+), since ")
+# A plain train's holder is its own process; a launched job's is its rank 0 ("scalegpt train, rank 0 of 2").
+HOLDER = re.compile(r"run\.dir \S+ is in use by scalegpt train(, rank 0 of 2)? on host (\S+), process (\d+), since ")
 
 
 def judge_pair(kind: str, jobs: list[Job], run: Path) -> Trial:
@@ -301,7 +302,9 @@ def judge_pair(kind: str, jobs: list[Job], run: Path) -> Trial:
     problems = []
     if found is None:
         problems.append(f"error lines {lines}")
-    elif found[1] != socket.gethostname() or (winner.proc.args[3] == "train" and int(found[2]) != winner.pid):
+    elif found[2] != socket.gethostname() or (winner.proc.args[3] == "train") != (found[1] is None):
+        problems.append(f"named {found[0]!r}, the winner was `{winner.proc.args[3]}`")
+    elif winner.proc.args[3] == "train" and int(found[3]) != winner.pid:
         problems.append(f"named {found[0]!r}, the winner was process {winner.pid}")
     if "Traceback" in refused:
         problems.append("a traceback")
