@@ -167,10 +167,18 @@ class Kill:
     survivors_after_10s: int = 0
     ranks_gone_s: float | None = None
     detail: str = ""
+    landed: bool = True
+    """False when the run ended before the kill came: no kill to survive."""
 
     @property
     def survived(self) -> bool:
-        return self.bit_for_bit and self.one_row_per_step and self.reruns[-1:] == [0] and not self.survivors_after_10s
+        return (
+            self.landed
+            and self.bit_for_bit
+            and self.one_row_per_step
+            and self.reruns[-1:] == [0]
+            and not self.survivors_after_10s
+        )
 
 
 def compare(run: Path, ref_rows: list[dict[str, Any]]) -> tuple[bool, bool, str]:
@@ -210,8 +218,11 @@ def kill_once(
     processes = psutil.Process(job.pid).children(recursive=True) if job.proc.poll() is None else []
     finished_first = job.proc.poll() is not None
     killed_at = last_step(run)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.finish()
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended before the kill: counted, with its exit status, below
+        pass
+    first_code = job.finish()
     gone_s, survivors = None, 0
     if setting.procs > 1:
         t0 = time.monotonic()
@@ -230,7 +241,7 @@ def kill_once(
             break
     bit, once, detail = compare(run, ref_rows)
     if finished_first:
-        detail = "the run finished before the kill; " + detail
+        detail = f"the run ended before the kill, exit {first_code}: {job.output()[-300:]!r}; " + detail
     if reruns[-1] != 0:
         detail += f"; rerun exited {reruns[-1]}: {again.output()[-500:]}"
     return Kill(
@@ -246,6 +257,7 @@ def kill_once(
         survivors,
         gone_s,
         detail,
+        landed=not finished_first,
     )
 
 
@@ -415,6 +427,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=5, help="trials of each concurrent start (default 5)")
     p.add_argument("--seed", type=int, default=26)
     p.add_argument("--json", type=Path, help="also write every result to this file")
+    p.add_argument(
+        "--workdir", type=Path, help="keep every run and log here (new or empty) instead of a temporary folder"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["kills", "concurrent", "bad-input"])
     args = p.parse_args()
     n, m = (1, 1) if args.quick else (args.kills, args.trials)
@@ -426,7 +441,8 @@ def main() -> None:
     trials: list[Trial] = []
     bad: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="scalegpt-reliability-") as name:
-        tmp = Path(name)
+        tmp = Path(name) if args.workdir is None else args.workdir
+        tmp.mkdir(parents=True, exist_ok=True)
         data = tmp / "data"
         t0 = time.monotonic()
         prep = subprocess.run(
