@@ -97,7 +97,8 @@ class Trainer:
         # the run directory is not shared.
         self.skips = SkipLog(self.run_dir)
         self.skips.skips = broadcast_object(self.skips.skips)
-        self.drill = FaultDrill(cfg.train.inject_fault, self.run_dir, is_main=env.is_main)
+        rewinds = cfg.train.on_spike == "rewind"
+        self.drill = FaultDrill(cfg.train.inject_fault, self.run_dir, is_main=env.is_main, rewinds=rewinds)
         self.drill.fired = broadcast_object(self.drill.fired)
         self.watchdog = Watchdog(cfg.train.step_timeout_s, speak=env.is_main)
         torch.manual_seed(cfg.run.seed)
@@ -312,6 +313,7 @@ class Trainer:
         start = self.skips.advance(self.state.samples)
         skip = Skip(step, spike.step, start, spike.samples, t.spike_lr_factor, step + t.spike_lr_steps)
         self.skips.add(skip, is_main=self.env.is_main)
+        self.drill.record()  # the fault that caused it, if a drill's, is now answered on disk
         n = len(self.skips.skips)
         self.console.print(
             f"loss spike: {spike}; rewound to step {step} and skipping samples {skip.start}-{skip.end - 1} "

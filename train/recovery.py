@@ -55,22 +55,32 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 class FaultDrill:
-    """train.inject_fault: the fault fires once per run directory. Rank 0 records it in RUN/faults.json
-    before it happens, so neither a rewind (same process) nor a resume (a new one) fires it again."""
+    """train.inject_fault: the fault fires once per run directory. Rank 0 records it in RUN/faults.json, so
+    neither a rewind (same process) nor a resume (a new one) fires it again.
 
-    def __init__(self, spec: str, run_dir: Path, *, is_main: bool) -> None:
+    When it is recorded matters for a kill -9 in between. A crash or a hang ends the process, so it is
+    recorded before it fires. A loss fault that a rewind answers is recorded with the rewind (`record`,
+    beside skipped.json): a run killed after the bad step but before the rewind resumes from the
+    checkpoint before it, fires it again and rewinds exactly as the uninterrupted run did."""
+
+    def __init__(self, spec: str, run_dir: Path, *, is_main: bool, rewinds: bool = False) -> None:
         self.fault = parse_fault(spec) if spec else None
-        self.path, self.is_main = run_dir / FAULTS, is_main
+        self.path, self.is_main, self.rewinds = run_dir / FAULTS, is_main, rewinds
         self.fired: list[str] = list(_read_json(self.path, [])) if self.fault else []
 
     def due(self, step: int) -> str | None:
-        """The kind of fault to fire at `step` (the step about to run), recording it as fired."""
+        """The kind of fault to fire at `step` (the step about to run), marking it as fired."""
         if self.fault is None or self.fault.step != step or self.fault.spec in self.fired:
             return None
         self.fired.append(self.fault.spec)
-        if self.is_main:
-            atomic_write(self.path, json.dumps(self.fired))
+        if not (self.rewinds and self.fault.kind in ("nan", "spike")):
+            self.record()
         return self.fault.kind
+
+    def record(self) -> None:
+        """Write what has fired to RUN/faults.json (rank 0)."""
+        if self.is_main and self.fired:
+            atomic_write(self.path, json.dumps(self.fired))
 
 
 @dataclass(frozen=True)
