@@ -341,8 +341,11 @@ def test_bad_quality_settings_are_one_line_and_change_nothing(world: World, caps
             "positives: no source named 'web' in data.sources (sources: books, wiki, junk, crawl)",
         ),
         ("negatives=[nothing]", "negatives: no source named 'nothing' in data.sources"),
-        ("alpha=0", "alpha must be greater than 0 (the paper's is 9), got 0.0"),
-        ("alpha=-2", "alpha must be greater than 0 (the paper's is 9), got -2.0"),
+        ("alpha=0", "alpha must be a number greater than 0 (the paper's is 9), got 0.0"),
+        ("alpha=-2", "alpha must be a number greater than 0 (the paper's is 9), got -2.0"),
+        ("positives=[books,books_]", "positives: no source named 'books_'"),
+        ("max_examples=1", "max_examples must be at least 2, got 1"),
+        ("positives=[crawl]", "positives: the filtered source 'crawl' cannot be its own positive"),
         ("threshold=1.5", "threshold must be in [0, 1] (a classifier score), got 1.5"),
         ("threshold=-0.1", "threshold must be in [0, 1] (a classifier score), got -0.1"),
         ("keep=coin", "keep must be 'pareto' or 'threshold', got 'coin'"),
@@ -351,7 +354,7 @@ def test_bad_quality_settings_are_one_line_and_change_nothing(world: World, caps
         ("classifier=" + str(bad / "quality-x.json"), "does not load: its weights quality-x.npz do not load"),
     ]
     for setting, message in cases:
-        extra = [f"{QUALITY}.keep=threshold"] if setting.startswith("threshold") else []
+        extra = [f"{QUALITY}.keep=threshold"] if setting.startswith("threshold=1") else []
         assert main(["prepare", str(world.config), f"{QUALITY}.{setting}", *extra]) == 2, setting
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("scalegpt: error: ") and message in err[0], (setting, err)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,12 +79,10 @@ def check(cfg: QualityConfig, key: str, names: Sequence[str], own: str) -> None:
         return
     if cfg.keep not in ("pareto", "threshold"):
         raise UserError(f"{key}.keep must be 'pareto' or 'threshold', got {cfg.keep!r}")
-    if cfg.keep == "pareto" and not cfg.alpha > 0:
-        raise UserError(f"{key}.alpha must be greater than 0 (the paper's is 9), got {cfg.alpha}")
-    if cfg.keep == "threshold" and not 0 <= cfg.threshold <= 1:
+    if not (cfg.alpha > 0 and math.isfinite(cfg.alpha)):
+        raise UserError(f"{key}.alpha must be a number greater than 0 (the paper's is 9), got {cfg.alpha}")
+    if not 0 <= cfg.threshold <= 1:
         raise UserError(f"{key}.threshold must be in [0, 1] (a classifier score), got {cfg.threshold}")
-    if cfg.classifier:
-        return  # positives, negatives and the training settings are not used
     for what in ("positives", "negatives"):
         for name in getattr(cfg, what):
             if name not in names:
@@ -91,6 +90,8 @@ def check(cfg: QualityConfig, key: str, names: Sequence[str], own: str) -> None:
                     f"{key}.{what}: no source named {name!r} in data.sources (sources: {', '.join(names)}); "
                     f"name sources of this config"
                 )
+    if cfg.classifier:
+        return  # the training settings are not used
     if own in cfg.positives:
         raise UserError(f"{key}.positives: the filtered source {own!r} cannot be its own positive")
     both = sorted(set(cfg.positives) & set(cfg.negatives or [own]))
