@@ -268,7 +268,10 @@ class Classifier:
             raise ValueError(f"its weights {doc['weights']} do not load ({exc})") from None
         if coef.shape != (features.buckets,) or intercept.shape != (1,):
             raise ValueError(f"its weights have shape {coef.shape}, not ({features.buckets},)")
-        clf = cls(features, coef, float(intercept[0]), doc.get("metrics", {}), doc.get("training", {}), path)
+        metrics, training = doc.get("metrics", {}), doc.get("training", {})
+        if not isinstance(metrics, dict) or not isinstance(training, dict):
+            raise ValueError("its metrics or training record is malformed")
+        clf = cls(features, coef, float(intercept[0]), metrics, training, path)
         if clf.fingerprint != doc.get("fingerprint"):
             raise ValueError("its weights do not match its fingerprint (changed or damaged since it was saved)")
         return clf
@@ -383,7 +386,7 @@ def train(
     for name, y in (("positive", 1), ("negative", 0)):
         if not np.any((labels == y) & ~held):
             raise UserError(
-                f"the {name} sources give no training example ({training['sources'][name + 's']}); "
+                f"the {name} sources give no training example ({training.get('sources', {}).get(name + 's')}); "
                 f"give the classifier text of both kinds"
             )
     t0 = time.perf_counter()
