@@ -12,11 +12,17 @@ import io
 import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from scalegpt.launch.cli import main
@@ -360,3 +366,43 @@ def test_bad_quality_settings_are_one_line_and_change_nothing(world: World, caps
         assert len(err) == 1 and err[0].startswith("scalegpt: error: ") and message in err[0], (setting, err)
         assert QUALITY in err[0]
     assert snapshot(world.data) == before
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = 120.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.slow  # a real prepare, killed while it tokenizes a large source after the filtered one
+def test_kill_9_after_the_filtered_source_resumes_without_filtering_it_again(world: World) -> None:
+    root = world.root / "killed"
+    root.mkdir()
+    data = root / "data"
+
+    def config(big_mb: float) -> Path:
+        text = _config(world.root, data, world.root / "crawl.jsonl").replace("tokenizer: bpe", "tokenizer: gpt2")
+        text = text.replace("vocab_size: 300", "vocab_size: 50257")
+        text += f"    - {{name: big, builtin: prose, builtin_mb: {big_mb}, weight: 0.1}}\n"
+        (root / "q.yaml").write_text(text)
+        return root / "q.yaml"
+
+    argv = [str(Path(sys.executable).with_name("scalegpt")), "prepare", str(config(30.0)), f"{QUALITY}.alpha=6"]
+    proc = psutil.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: any(p.stat().st_size > 0 for p in data.glob(".prepare-tmp-*/big.bin") if p.exists()), "big.bin")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (data / "manifest.json").exists() and not (data / "curation").exists()
+
+    argv[2] = str(config(0.2))
+    out = subprocess.run(argv, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "crawl: taking over the tokens an interrupted run had finished" in out.stdout
+    assert "crawl: quality filter" not in out.stdout  # not filtered again
+    row = crawl_entry(data)["curation"]["quality"]
+    kept, _ = expected(data, world.docs, row["rule"])
+    assert row["kept"] == kept.sum() and row["documents"] == len(world.docs)
+    assert prepared_documents(data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
+    assert (data / row["figure"]).is_file() and (data / "curation" / "quality-crawl.json").is_file()
