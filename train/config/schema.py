@@ -52,7 +52,7 @@ class SourceConfig:
     max_mb: float | None = None
     """hf: sources only: stop once this many MB (UTF-8) of documents have been read (the last one whole)."""
     builtin: str | None = None
-    """Name of a built-in generated corpus (arithmetic, scramble, prose)."""
+    """Name of a built-in generated corpus (arithmetic, scramble, prose, junk)."""
     builtin_mb: float = 2.0
     """Size in MB of a generated built-in corpus."""
     text_field: str = "text"

@@ -1,4 +1,4 @@
-"""The built-in offline corpus: three generated domains, so a mixture means something without downloads.
+"""The built-in offline corpus: generated domains, so a mixture means something without downloads.
 
 Every document comes from this file's code and a seed; nothing is copied. The formats follow the
 synthetic tasks of GPT-3 Section 3.9 (arithmetic and word scrambling) plus a small prose grammar, and
@@ -177,9 +177,106 @@ def prose_document(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+# --- junk: generated low-quality web text, the negatives of a quality classifier (GPT-3 Appendix A) -----
+
+_COMMON = (
+    "the of and to in is was that for on with as by at from his her it he she they we you this which but not are "
+    "be had have one all their there were an or been would said when who what if so can more no out up about into "
+    "than them some could time only other new its these two may first then do any like my now over such our man "
+    "me even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long get "
+    "here between both life being under never day same another know while last might us great old year off come "
+    "since against go came right used take three house water small place found hand part high every city"
+).split()
+"""Common English words: word salad made of them shares prose's words but not its word order."""
+_PRODUCTS = "shoes watches phones laptops loans insurance pills tickets jerseys bags sunglasses casino crypto".split()
+_SPAM = (
+    "buy cheap {p} online",
+    "best {p} price",
+    "{p} discount code",
+    "free {p} shipping",
+    "{p} sale {p} deals {p} outlet",
+    "top 10 {p} 2024",
+    "click here for {p}",
+    "wholesale {p} from china",
+)
+_MENU = (
+    "Home | About Us | Contact | Blog | FAQ | Login | Sign up",
+    "Shop | Cart (0) | Wishlist | My Account | Checkout",
+    "Copyright (c) 2024 All rights reserved. Privacy Policy | Terms of Service | Sitemap",
+    "We use cookies to improve your experience. Accept | Decline | Learn more",
+    "Share: Facebook Twitter Pinterest Email WhatsApp",
+    "Previous Post | Next Post | Back to top",
+    "Posted in Uncategorized | Leave a comment | Permalink",
+    "Skip to content",
+    "Subscribe to our newsletter! Enter your email:",
+    "Powered by WordPress | Theme by ThemeForest",
+)
+_RUN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/=_-%&#"
+
+
+def _keyword_spam(rng: random.Random) -> list[str]:
+    products = rng.sample(_PRODUCTS, rng.randint(1, 3))
+    return [
+        ", ".join(rng.choice(_SPAM).format(p=rng.choice(products)) for _ in range(rng.randint(3, 8)))
+        for _ in range(rng.randint(2, 5))
+    ]
+
+
+def _menu(rng: random.Random) -> list[str]:
+    return rng.sample(_MENU, rng.randint(3, 7))
+
+
+def _word_salad(rng: random.Random) -> list[str]:
+    lines = []
+    for _ in range(rng.randint(2, 5)):
+        words = [rng.choice(_COMMON) for _ in range(rng.randint(8, 25))]
+        lines.append(" ".join(words).capitalize() + rng.choice(".!?,;"))
+    return lines
+
+
+def _repeated(rng: random.Random) -> list[str]:
+    line = rng.choice((_keyword_spam, _menu, _word_salad))(rng)[0]
+    return [line] * rng.randint(3, 8)
+
+
+def _char_runs(rng: random.Random) -> list[str]:
+    return ["".join(rng.choices(_RUN_CHARS, k=rng.randint(16, 70))) for _ in range(rng.randint(2, 6))]
+
+
+JUNK_KINDS = {
+    "spam": _keyword_spam,
+    "menu": _menu,
+    "salad": _word_salad,
+    "repeated": _repeated,
+    "runs": _char_runs,
+}
+"""The kinds of low-quality text a junk document mixes: what a web crawl holds besides prose."""
+JUNK_MAX_CHARS = 1500
+"""A junk document is cut to this many characters (at a line), about a short web page's length."""
+
+
+def junk_document(rng: random.Random) -> str:
+    """Two to four blocks of junk of random kinds, one line per item, cut to JUNK_MAX_CHARS at a line (every
+    block has two lines or more, each far shorter than that, so a document has several lines)."""
+    lines = [line for _ in range(rng.randint(2, 4)) for line in rng.choice(tuple(JUNK_KINDS.values()))(rng)]
+    kept, size = [lines[0]], len(lines[0])
+    for line in lines[1:]:
+        size += len(line) + 1
+        if size > JUNK_MAX_CHARS:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
 # --- the corpus -------------------------------------------------------------------------------------
 
-DOMAINS = {"arithmetic": arithmetic_document, "scramble": scramble_document, "prose": prose_document}
+DOMAINS = {
+    "arithmetic": arithmetic_document,
+    "scramble": scramble_document,
+    "prose": prose_document,
+    "junk": junk_document,
+}
 """Built-in corpus name -> document generator."""
 
 

@@ -39,6 +39,39 @@ class DecontaminateConfig:
 
 
 @dataclass
+class QualityConfig:
+    """GPT-3 Appendix A: keep a document by the score of a linear classifier on hashed word features, trained on
+    sources the config names as positives against negatives (the paper: WebText, books and Wikipedia against
+    raw Common Crawl)."""
+
+    positives: list[str] = field(default_factory=list)
+    """Names of sources in data.sources whose text is good; none (the default) turns the step off, unless
+    `classifier` names a saved one."""
+    negatives: list[str] = field(default_factory=list)
+    """Names of sources whose text is the negative class; none means the filtered source itself (the paper's
+    raw Common Crawl)."""
+    buckets: int = 1 << 18
+    """Hashed feature buckets (the paper's HashingTF size is not stated)."""
+    ngrams: int = 2
+    """Word n-grams hashed, from 1 up to this many (lowercased words split on whitespace, as Spark's tokenizer)."""
+    max_examples: int = 10000
+    """Training examples per class at most: pieces of about 2,000 characters of the documents, the ones with
+    the lowest hashes (a sample that does not depend on order); a tenth of them, by hash, is held out."""
+    keep: str = "pareto"
+    """'pareto' keeps a document when pareto(alpha) > 1 - score, the draw seeded by the document's text
+    (the paper's rule); 'threshold' keeps it when score >= threshold."""
+    alpha: float = 9.0
+    """The Pareto shape (the paper's 9): a document of score s is kept with probability (2 - s)^-alpha."""
+    threshold: float = 0.5
+    """The lowest score kept, with keep=threshold."""
+    classifier: str | None = None
+    """A classifier an earlier prepare saved (its data.dir/curation/quality-<source>.json) to use instead of
+    training one; positives and negatives are then not read."""
+
+
+@dataclass
 class CurationConfig:
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    """Filter documents by a classifier's score (off until it names positives or a classifier)."""
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     """Remove evaluation overlaps (off until it names tasks)."""

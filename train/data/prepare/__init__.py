@@ -75,7 +75,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
     """Tokenize every source of cfg.data that is not already up to date in cfg.data.dir, print the mixture
     table for the planned run, and return the manifest. Bad input raises UserError and leaves data.dir
     as it was."""
-    plan, tok = plan_prepare(cfg)
+    plan, tok = plan_prepare(cfg, echo)
     old = plan.old
     if old is not None and tok is not None and old["tokenizer_hash"] != tok.hash:
         echo(f"the tokenizer changed ({old['tokenizer_hash'][:12]} -> {tok.hash[:12]}): re-preparing every source")
@@ -95,6 +95,7 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
             f"nothing to do: all {len(plan.sources)} sources in {plan.data_dir} are up to date "
             f"(tokenizer {tok.hash[:12]})"
         )
+    plan.save_quality(manifest, echo)
     echo(describe(Mixture.for_config(cfg, data_dir=plan.data_dir), planned_samples(cfg)))
     return manifest
 
@@ -103,7 +104,7 @@ def _run(plan: PreparePlan, stale: list[int], tok: Tok | None, echo: Echo) -> di
     """The three phases for the stale sources (every source when the BPE must be trained)."""
     quiet_datasets()
     indices = range(len(plan.sources)) if tok is None else stale
-    work = [Work(i, plan.sources[i]) for i in indices]
+    work = [Work(i, plan.sources[i], quality=plan.quality_filter(i)) for i in indices]
     echo(f"preparing {len(work)} of {len(plan.sources)} sources into {plan.data_dir}")
     chunk = PIECE_CHARS if plan.chunked else None
     with Scratch(plan.data_dir) as scratch:
@@ -165,6 +166,8 @@ def _tokenize(
             w.entry = {**summarize(w, out, cfg, byte_len), **settings}
             if w.curation is not None:
                 w.entry["curation"] = {"decontaminate": w.curation.row()}
+            if w.quality is not None:
+                w.entry.setdefault("curation", {})["quality"] = w.quality.stats.row()
             finished(out.path, w.entry, w.chars)
             files.append(out.path)
     return files

@@ -25,7 +25,7 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
-from . import decontaminate
+from . import decontaminate, quality
 from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,6 +44,7 @@ class Work:
     chars: int = 0
     entry: dict[str, Any] = field(default_factory=dict)
     curation: DecontaminationStats | None = None
+    quality: quality.QualityFilter | None = None
 
 
 @dataclass
@@ -85,6 +86,8 @@ class PreparePlan:
     sources: list[src_mod.Source]
     old: dict[str, Any] | None
     chunked: bool
+    classifiers: dict[int, quality.Classifier] = field(default_factory=dict)
+    """Source index -> the quality classifier that filters it (trained or loaded before any work)."""
 
     @property
     def names(self) -> list[str]:
@@ -103,10 +106,31 @@ class PreparePlan:
         curation = decontaminate.settings(source.cfg.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
         if curation is not None:  # only when set, so older manifests stay up to date
             out["curation"] = {"decontaminate": curation}
+        q = quality.settings(source.cfg.curation.quality, self.classifiers.get(i))
+        if q is not None:
+            out.setdefault("curation", {})["quality"] = q
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
         return out
+
+    def quality_filter(self, i: int) -> quality.QualityFilter | None:
+        """Source i's quality step, when it has one."""
+        clf = self.classifiers.get(i)
+        if clf is None:
+            return None
+        figure = quality.stem(self.data_dir, file_name(self.sources[i].name))
+        return quality.QualityFilter.of(
+            self.sources[i].cfg.curation.quality, clf, f"{figure.relative_to(self.data_dir)}.png"
+        )
+
+    def save_quality(self, manifest: dict[str, Any], echo: Echo) -> None:
+        """The classifiers trained in this run, and the score figures, saved once the manifest is written."""
+        trained = {
+            self.sources[i].name: (clf, quality.stem(self.data_dir, file_name(self.sources[i].name)))
+            for i, clf in self.classifiers.items()
+        }
+        quality.save_outputs(self.data_dir, trained, manifest, self.old, echo)
 
     def old_entry(self, name: str) -> dict[str, Any] | None:
         return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)
@@ -149,7 +173,7 @@ class PreparePlan:
                 echo(f"  removed source {e['name']!r} (no longer in data.sources) and its token file")
 
 
-def plan_prepare(cfg: Config) -> tuple[PreparePlan, Tok | None]:
+def plan_prepare(cfg: Config, echo: Echo = print) -> tuple[PreparePlan, Tok | None]:
     """Check the config's data section and find its sources; the tokenizer too, unless a BPE must be
     trained after reading (then None). Raises UserError before anything is written."""
     d = cfg.data
@@ -165,8 +189,17 @@ def plan_prepare(cfg: Config) -> tuple[PreparePlan, Tok | None]:
     sources = [src_mod.resolve(s) for s in d.sources]
     for i, s in enumerate(d.sources):  # bad curation settings fail before anything is read or written
         decontaminate.check(s.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
+        quality.check(s.curation.quality, f"data.sources.{i}.curation.quality", [x.name for x in d.sources], s.name)
     recipe, tok = _tokenizer(cfg, data_dir, old)
-    return PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
+    plan = PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok))
+    by_name = {s.name: s for s in sources}
+    for i, s in enumerate(sources):  # the classifiers' fingerprints are part of their sources' settings
+        if quality.active(s.cfg.curation.quality):
+            where = quality.stem(data_dir, file_name(s.name))
+            key = f"data.sources.{i}.curation.quality"
+            plan.classifiers[i] = quality.classifier_for(s.cfg.curation.quality, key, s, by_name, d, where)
+            echo(quality.describe(s.name, plan.classifiers[i]))
+    return plan, tok
 
 
 def _tokenizer(cfg: Config, data_dir: Path, old: dict[str, Any] | None) -> tuple[dict[str, Any], Tok | None]:

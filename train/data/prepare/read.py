@@ -94,6 +94,9 @@ def read_sources(work: list[Work], cfg: Config, chunk: int | None, path: Path, e
 def curated(w: Work, cfg: Config, chunk: int | None) -> Iterator[src_mod.Fragment]:
     """The source's documents after its `curation:` steps (decontaminate.py), whose counts go to w.curation."""
     frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+    if w.quality is not None:
+        w.quality = w.quality.fresh()
+        frags = w.quality.apply(frags)
     step = Decontaminator.of(w.source.cfg.curation.decontaminate, f"data.sources.{w.index}.curation.decontaminate")
     if step is None:
         return frags
@@ -136,6 +139,8 @@ def report(w: Work, echo: Echo) -> None:
             f"source {w.source.name!r} ({w.source.spec}) is empty: no non-empty documents in {what}; "
             f"point it at text or remove it from data.sources"
         )
+    if w.quality is not None:
+        echo(f"  {w.source.name}: quality filter: {w.quality.stats.summary()}")
     if w.curation is not None:
         echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
     if s.bad_lines:
