@@ -124,15 +124,28 @@ def _add_plot(sub: _Subparsers) -> None:
 def _add_inspect(sub: _Subparsers) -> None:
     s = sub.add_parser(
         "inspect",
-        help="what steps A to B-1 of a run train on: samples per source, and some decoded",
+        help="what steps A to B-1 of a run train on (samples per source, some decoded), or what curation dropped",
         description="Samples per source (count and share) of optimizer steps A to B-1 of the run as configured, "
         "through the trainer's own sampling; a run directory adds the sample ranges that run skipped.",
     )
     s.add_argument("config", help="run directory, run YAML, or a packaged preset by name")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.sources.0.weight=0.9")
-    s.add_argument("--steps", required=True, help="A:B, steps A to B-1, numbered from 1 as in metrics.jsonl")
+    s.add_argument("--steps", default=None, help="A:B, steps A to B-1, numbered from 1 as in metrics.jsonl")
+    s.add_argument(
+        "--curation",
+        action="store_true",
+        help="instead of steps: what prepare's curation kept and dropped per source and step, and --show N "
+        "dropped documents each (default 5) with the score or the kept copy that dropped them",
+    )
+    s.add_argument("--source", default=None, help="with --curation: only this source")
     s.add_argument("--json", dest="json_out", default=None, help="also write the report here")
-    s.add_argument("--show", type=int, default=0, help="decode N of those samples, spread over the steps")
+    s.add_argument(
+        "--show",
+        type=int,
+        default=None,
+        help="decode N of those samples, spread over the steps (default 0); with --curation, N dropped documents "
+        "per source and step (default 5)",
+    )
     s.add_argument("--world-size", type=int, default=None, help="processes (default: the run's, else 1)")
 
 

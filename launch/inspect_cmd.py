@@ -20,7 +20,8 @@ import numpy as np
 
 from ..train.config.loading import load_config
 from ..train.config.schema import Config
-from ..train.data.mixture import Mixture, describe
+from ..train.data.curation_report import dropped_lines, report_lines
+from ..train.data.mixture import Mixture, describe, read_manifest
 from ..train.data.steps import StepSpan, rank_indices, step_spans
 from ..train.data.tokenizer import load_tokenizer, tokenizer_hash
 from ..train.errors import UserError, check_writable_file
@@ -256,15 +257,39 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def inspect_curation(cfg: Config, show: int, source: str | None) -> str:
+    """What `scalegpt prepare` did to each curated source of cfg's data (train/data/curation_report.py): the
+    report it printed, and up to `show` of the documents each step dropped, with why."""
+    data_dir = Path(cfg.data.dir)
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise UserError(f"{data_dir} has no prepared data; run `scalegpt prepare` on this config first")
+    entries = manifest["sources"]
+    names = [e["name"] for e in entries]
+    if source is not None and source not in names:
+        raise UserError(f"--source {source!r} is not a source of {data_dir}; its sources are {', '.join(names)}")
+    chosen = [e for e in entries if source is None or e["name"] == source]
+    lines = report_lines(chosen)
+    if not lines:
+        return f"{data_dir}: no source was curated (no `curation:` settings when it was prepared)"
+    return "\n".join([f"{data_dir}:", *lines, *dropped_lines(data_dir, chosen, show)])
+
+
 def inspect_command(args: argparse.Namespace) -> int:
     """Entry point of `scalegpt inspect` (parser in launch/cli.py)."""
+    show = args.show if args.show is not None else (5 if args.curation else 0)
+    if show < 0:
+        raise UserError(f"--show must be 0 or more, got {show}")
+    if args.curation == (args.steps is not None):
+        raise UserError("inspect takes --steps A:B (what those steps train on) or --curation (what prepare dropped)")
+    if args.curation:
+        print(inspect_curation(open_target(args.config, list(args.overrides)).cfg, show, args.source))
+        return 0
     first, stop = parse_steps(args.steps)
-    if args.show < 0:
-        raise UserError(f"--show must be 0 or more, got {args.show}")
     if args.json_out:  # found now, not after the work
         check_writable_file(args.json_out, "--json")
     target = open_target(args.config, list(args.overrides))
-    report = inspect_steps(target, first, stop, world_size=_world_size(target, args.world_size), show=args.show)
+    report = inspect_steps(target, first, stop, world_size=_world_size(target, args.world_size), show=show)
     print(format_report(report))
     if args.json_out:
         write_json_atomic(args.json_out, report)

@@ -432,7 +432,7 @@ def test_decontaminated_smoke_mixture_has_no_dirty_query(tmp_path: Path, capsys:
     entries = {e["name"]: e for e in manifest["sources"]}
     for name in ("arithmetic", "scramble"):
         stats = entries[name]["curation"]["decontaminate"]
-        assert stats["matches"] > 0 and stats["chars_kept"] < stats["chars"]
+        assert stats["matches"] > 0 and stats["bytes_kept"] < stats["bytes"]
         assert entries[name]["settings"]["curation"]["decontaminate"]["num_examples"] == NUM
     assert entries["scramble"]["settings"]["curation"]["decontaminate"]["tasks"] == ["reverse", "cycle", "insert"]
     assert "curation" not in entries["prose"]["settings"]

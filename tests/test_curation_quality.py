@@ -249,7 +249,7 @@ def test_prepare_keeps_what_the_saved_classifier_scores(world: World) -> None:
     assert prepared_documents(world.data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
     assert (row["documents"], row["kept"], row["dropped"]) == (len(world.docs), kept.sum(), (~kept).sum())
     assert row["bytes"] == sum(len(d.encode()) for d in world.docs)
-    assert row["kept_bytes"] == sum(len(d.encode()) for d, k in zip(world.docs, kept, strict=True) if k)
+    assert row["bytes_kept"] == sum(len(d.encode()) for d, k in zip(world.docs, kept, strict=True) if k)
     assert row["histogram"] == np.histogram(scores, bins=20, range=(0, 1))[0].tolist()
     assert row["kept_histogram"] == np.histogram(scores[kept], bins=20, range=(0, 1))[0].tolist()
     dropped = [i for i in range(len(world.docs)) if not kept[i]][:100]

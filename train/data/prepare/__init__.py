@@ -33,6 +33,7 @@ from ...config.schema import Config
 from ...errors import Terminated, check_writable_dir, disk_full_is_a_user_error, sigterm_raises
 from ...osutil import write_json_atomic
 from ..checksum import fill_missing
+from ..curation_report import report_lines
 from ..mixture import MANIFEST, Mixture, describe
 from ..tokenizer import save_tokenizer, token_byte_lengths
 from .accounting import SourceTokens, summarize
@@ -96,6 +97,8 @@ def prepare(cfg: Config, *, echo: Echo = print) -> dict[str, Any]:
             f"(tokenizer {tok.hash[:12]})"
         )
     plan.save_quality(manifest, echo)
+    for line in report_lines(manifest["sources"]):
+        echo(line)
     echo(describe(Mixture.for_config(cfg, data_dir=plan.data_dir), planned_samples(cfg)))
     return manifest
 

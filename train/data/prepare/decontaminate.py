@@ -42,7 +42,8 @@ class DecontaminationStats:
     """What the step did to one source, for the prepare log and the manifest."""
 
     documents: int = 0
-    chars: int = 0
+    bytes: int = 0
+    """UTF-8 bytes of the documents in, as every curation step counts them (curation_report.py)."""
     matches: int = 0
     touched: int = 0
     """Documents with at least one match."""
@@ -50,7 +51,7 @@ class DecontaminationStats:
     """Documents dropped whole (more than max_pieces pieces, or no piece long enough)."""
     pieces: int = 0
     """Documents written: untouched documents and the pieces kept of touched ones."""
-    chars_kept: int = 0
+    bytes_kept: int = 0
 
     def row(self) -> dict[str, int]:
         return asdict(self)
@@ -58,7 +59,7 @@ class DecontaminationStats:
     def summary(self) -> str:
         return (
             f"{self.matches:,} matches in {self.touched:,} of {self.documents:,} documents; {self.dropped:,} "
-            f"dropped whole; {self.pieces:,} documents kept; {self.chars / 1e6:.2f} -> {self.chars_kept / 1e6:.2f} MB"
+            f"dropped whole; {self.pieces:,} documents kept; {self.bytes / 1e6:.2f} -> {self.bytes_kept / 1e6:.2f} MB"
         )
 
 
@@ -141,10 +142,11 @@ class Decontaminator:
     def _pieces(self, doc: str, removed: list[tuple[int, int]]) -> list[str]:
         """What is left of doc once the ranges are removed, by the piece rules; counted into stats."""
         self.stats.documents += 1
-        self.stats.chars += len(doc)
+        size = len(doc.encode())
+        self.stats.bytes += size
         if not removed:
             self.stats.pieces += 1
-            self.stats.chars_kept += len(doc)
+            self.stats.bytes_kept += size
             return [doc]
         self.stats.matches += len(removed)
         self.stats.touched += 1
@@ -158,7 +160,7 @@ class Decontaminator:
         kept = [] if len(pieces) > self.cfg.max_pieces else [p for p in pieces if len(p) >= self.cfg.min_piece]
         self.stats.dropped += not kept
         self.stats.pieces += len(kept)
-        self.stats.chars_kept += sum(map(len, kept))
+        self.stats.bytes_kept += sum(len(p.encode()) for p in kept)
         return kept
 
     @staticmethod

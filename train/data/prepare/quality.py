@@ -493,7 +493,7 @@ class QualityStats:
     documents: int = 0
     bytes: int = 0
     kept: int = 0
-    kept_bytes: int = 0
+    bytes_kept: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * BINS)
     """Documents by score, in BINS equal bins over [0, 1]."""
     kept_histogram: list[int] = field(default_factory=lambda: [0] * BINS)
@@ -507,7 +507,7 @@ class QualityStats:
         share = self.kept / max(1, self.documents)
         return (
             f"kept {self.kept:,} of {self.documents:,} documents ({share:.1%}), {self.bytes / 1e6:.2f} -> "
-            f"{self.kept_bytes / 1e6:.2f} MB ({', '.join(f'{k} {v}' for k, v in self.rule.items())})"
+            f"{self.bytes_kept / 1e6:.2f} MB ({', '.join(f'{k} {v}' for k, v in self.rule.items())})"
         )
 
 
@@ -539,7 +539,7 @@ class QualityFilter:
         st.documents += len(docs)
         st.bytes += sum(sizes)
         st.kept += int(kept.sum())
-        st.kept_bytes += sum(n for n, k in zip(sizes, kept.tolist(), strict=True) if k)
+        st.bytes_kept += sum(n for n, k in zip(sizes, kept.tolist(), strict=True) if k)
         for hist, mask in ((st.histogram, None), (st.kept_histogram, kept)):
             counts, _ = np.histogram(scores if mask is None else scores[mask], bins=BINS, range=(0.0, 1.0))
             hist[:] = [a + int(b) for a, b in zip(hist, counts, strict=True)]
