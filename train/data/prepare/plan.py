@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
-from . import decontaminate, quality
+from . import decontaminate, quality, staged
 from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -120,9 +121,20 @@ class PreparePlan:
         if clf is None:
             return None
         figure = quality.stem(self.data_dir, file_name(self.sources[i].name))
-        return quality.QualityFilter.of(
+        step = quality.QualityFilter.of(
             self.sources[i].cfg.curation.quality, clf, f"{figure.relative_to(self.data_dir)}.png"
         )
+        step.staged = staged.Staged.load(
+            staged.folder(self.data_dir, file_name(self.sources[i].name)), self.staged_key(i)
+        )
+        return step
+
+    def staged_key(self, i: int) -> staged.Key:
+        """The key under which `scalegpt curate` stages source i's per-document work, and prepare finds it."""
+        clf = self.classifiers.get(i)
+        rule = quality.KeepRule.of(self.sources[i].cfg.curation.quality).row()
+        q = None if clf is None else json.dumps({"classifier": clf.fingerprint, **rule}, sort_keys=True)
+        return staged.Key(self.sources[i].fingerprint, q, None)
 
     def save_quality(self, manifest: dict[str, Any], echo: Echo) -> None:
         """The classifiers trained in this run, and the score figures, saved once the manifest is written."""

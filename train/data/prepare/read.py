@@ -140,6 +140,8 @@ def report(w: Work, echo: Echo) -> None:
             f"point it at text or remove it from data.sources"
         )
     if w.quality is not None:
+        if w.quality.staged is not None:
+            echo(f"  {w.source.name}: quality scores looked up in {w.quality.staged.where} (`scalegpt curate`)")
         echo(f"  {w.source.name}: quality filter: {w.quality.stats.summary()}")
     if w.curation is not None:
         echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
