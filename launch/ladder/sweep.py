@@ -6,7 +6,7 @@ the finished rungs: the best learning rate per width, the table that prints it, 
 loss against learning rate, one curve per width. Under μP the curves' minima should line up; under the
 standard parametrization they move to smaller learning rates as the model widens.
 
-It also holds the sweep to issue 25's two criteria: transfer (every width's best is the same grid point
+It also holds the sweep to two criteria: transfer (every width's best is the same grid point
 or the next) and the predictive check (the learning rate picked on the two narrowest widths, trained at
 the widest, ends within 1% of the widest width's best), so a sweep says whether tuning small would
 have been enough.
@@ -55,14 +55,14 @@ def best_lrs(outcomes: list[Outcome]) -> list[Best]:
 
 
 PREDICT_TOLERANCE = 0.01
-"""Issue 25's predictive check passes when the largest width, trained at the learning rate picked on the
-two smallest, ends within 1% of the best final loss the sweep found at that width."""
+"""The predictive check passes when the widest width, trained at the learning rate picked on the two
+narrowest, ends within 1% of the best final loss the sweep found at that width: tuning small was enough."""
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """Issue 25's criterion for learning-rate transfer: every width's best learning rate is the same grid
-    point, or the next one. Here: the best's positions on the swept grid span at most one step, so every
+    """The criterion for learning-rate transfer: every width's best learning rate is the same grid point,
+    or the next one. Here: the best's positions on the swept grid span at most one step, so every
     width's best is within one grid point of every other's."""
 
     grid: list[float]
@@ -89,9 +89,10 @@ def lr_transfer(best: list[Best], grid: list[float]) -> Transfer | None:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Issue 25's predictive check, from the sweep's own rungs: the learning rate is picked on the two
-    narrowest widths alone, as a user tuning small models would pick it, and the widest width's rung at
-    that learning rate is the run "trained once with it"; the rest of its row says how good the pick was.
+    """The predictive check (tune small, train big once), from the sweep's own rungs: the learning rate is
+    picked on the two narrowest widths alone, as a user tuning small models would pick it, and the widest
+    width's rung at that learning rate is the run "trained once with it"; the rest of its row says how
+    good the pick was.
 
     The pick is the grid point with the lowest mean final validation loss over the two narrowest widths
     (among the learning rates finished at both; a tie goes to the smaller). A grid point, not an average
