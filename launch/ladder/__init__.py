@@ -22,7 +22,7 @@ One job per module, each importing only those above it in this list:
     results.py  what the ladder produces: each rung's state on disk, and the fitted power laws
     fit.py      the power-law fits of one frontier
     figure.py   the figure, from results only
-    sweep.py    --lr-sweep's results: the best learning rate per width, its table and figure
+    sweep.py    --lr-sweep's results: the best learning rate per width, transfer, the predictive check, figure
     coord.py    --coord-check, the μP coordinate check (in this process; it trains no rungs)
     run.py      training one rung, in a child `scalegpt train` or through `scalegpt launch`
     command.py  `scalegpt ladder`, and `scalegpt plot` of a ladder directory

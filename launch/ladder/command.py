@@ -19,7 +19,7 @@ from .fit import fit_all
 from .plan import LadderPlan, Rung, describe_plan, plan_ladder, plan_summary
 from .results import CAVEAT, LADDER_JSON, LADDER_PNG, GroupFit, Outcome, RungInfo, outcome
 from .run import check_rung_config, launch_namespace, prepare_data, run_rung, rung_world_size
-from .sweep import SWEEP_PNG, best_lrs, sweep_figure, sweep_lines
+from .sweep import SWEEP_PNG, sweep_figure, sweep_lines, sweep_report
 
 
 def summary_lines(outcomes: list[Outcome], fits: list[GroupFit]) -> list[str]:
@@ -75,18 +75,18 @@ def refresh(
         "fits": [g.to_json() for g in fits],
         "caveat": CAVEAT,
     }
-    best = best_lrs(outcomes) if summary.get("lr_sweep") else None
-    if best is not None:
-        summary["lr_sweep_best"] = [b.to_json() for b in best]
+    sweep = sweep_report(outcomes) if summary.get("lr_sweep") else None
+    if sweep is not None:
+        summary.update(sweep.to_json())
     if write:
         write_json_atomic(ladder_dir / LADDER_JSON, summary)
-    lines = summary_lines(outcomes, fits) + ([] if best is None else sweep_lines(outcomes, best))
+    lines = summary_lines(outcomes, fits) + ([] if sweep is None else sweep_lines(outcomes, sweep))
     if not any(o.finished for o in outcomes):
         return lines, None
     out = png or ladder_dir / LADDER_PNG
     plot.save_png(ladder_figure(outcomes, fits, title=_title(ladder_dir, summary), caveat=CAVEAT), out)
-    if best is not None:
-        plot.save_png(sweep_figure(outcomes, best, _title(ladder_dir, summary)), out.with_name(SWEEP_PNG))
+    if sweep is not None:
+        plot.save_png(sweep_figure(outcomes, sweep, _title(ladder_dir, summary)), out.with_name(SWEEP_PNG))
     return lines, out
 
 
