@@ -59,6 +59,10 @@ class SourceSpec:
     """Size in MB of a generated built-in corpus."""
     text_field: str = "text"
     """Field holding the text in JSONL, Parquet and Hugging Face sources."""
+    text_documents: str = "file"
+    """How a plain-text file divides into documents: 'file' (the whole file is one) or 'line' (each non-empty line
+    is one, its newline dropped: a corpus kept one document a line, or paragraphs that curation should judge
+    one by one)."""
     download: list[str] = field(default_factory=list)
     """URLs of the files `path` names, each optionally ending in #sha256=<hex>: downloaded and cached by
     `datasets`, or read as `path` under $SCALEGPT_DATA_ROOT when that is set; either way checked."""

@@ -96,6 +96,10 @@ def _data_problems(d: DataConfig) -> list[tuple[str, str]]:
         if len(kinds) != 1:
             out.append((key, f"source {src.name!r} needs exactly one of path, hf or builtin (has {kinds or 'none'})"))
         out.extend(_hf_limit_problems(key, src))
+        if src.text_documents not in ("file", "line"):
+            out.append((f"{key}.text_documents", f"must be 'file' or 'line', got {src.text_documents!r}"))
+        elif src.text_documents == "line" and not src.path:
+            out.append((f"{key}.text_documents", f"applies to path: sources only (source {src.name!r}); remove it"))
     out += _stage_problems(d)
     return out
 

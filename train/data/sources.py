@@ -253,6 +253,15 @@ def _text_fragments(path: Path, mode: str, chunk: int | None, stats: ReadStats) 
         yield from (p for p in split_safe(buf, chunk) if p)
 
 
+def _line_documents(path: Path, mode: str, stats: ReadStats) -> Iterator[str]:
+    """Each non-empty line of a text file as a document of its own, without its line ending."""
+    with _open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            text = _decode(raw, path, number, mode, stats).rstrip("\r\n")
+            if text.strip():
+                yield text
+
+
 def _json_documents(path: Path, field_: str, mode: str, stats: ReadStats) -> Iterator[str]:
     def text_of(obj: Any, at: str) -> str | None:
         if not isinstance(obj, dict) or field_ not in obj:
@@ -345,7 +354,9 @@ def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: Re
         else:
             for path in source.files:
                 kind = _format(path)
-                if kind == "text":
+                if kind == "text" and source.cfg.text_documents == "line":
+                    yield from (iter([d]) for d in _line_documents(path, invalid_utf8, stats))
+                elif kind == "text":
                     yield _text_fragments(path, invalid_utf8, chunk, stats)
                 elif kind == "json":
                     yield from (iter([d]) for d in _json_documents(path, source.cfg.text_field, invalid_utf8, stats))

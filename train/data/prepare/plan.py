@@ -113,6 +113,8 @@ class PreparePlan:
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
+        if source.cfg.text_documents != "file":  # likewise
+            out["text_documents"] = source.cfg.text_documents
         return out
 
     def quality_filter(self, i: int) -> quality.QualityFilter | None:

@@ -363,13 +363,16 @@ def training_key(
 
     def inputs(s: src_mod.Source) -> dict[str, Any]:
         c = s.cfg
-        return {
+        out = {
             "name": s.name,
             "fingerprint": s.fingerprint,
             "max_documents": c.max_documents,
             "max_mb": c.max_mb,
             "text_field": c.text_field,
         }
+        if c.text_documents != "file":  # only when set, so the classifiers saved before stay valid
+            out["text_documents"] = c.text_documents
+        return out
 
     key = {
         "version": VERSION,
