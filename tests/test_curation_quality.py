@@ -1,7 +1,8 @@
 """`scalegpt prepare`'s quality filter (GPT-3 Appendix A): the Pareto rule's keep rate against (2 - s)^-alpha and
 numpy's own pareto; the classifier on real prose against generated junk, its AUC checked by a rank count by
-hand; and the step set as a user sets it (YAML plus key=value through the CLI), its decisions recomputed from
-the saved classifier with scikit-learn and numpy alone, the same whatever the order of documents and the
+hand; and the step set as a user sets it (YAML plus key=value through the CLI, the junk a reference source
+that the classifier reads and no token file holds), its decisions recomputed from the saved classifier with
+scikit-learn and numpy alone, the same whatever the order of documents and the
 number of workers, a saved classifier reused, and each bad setting one line that changes nothing."""
 
 from __future__ import annotations

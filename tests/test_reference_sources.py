@@ -118,6 +118,36 @@ def test_an_unused_reference_source_is_not_read_and_warns(tmp_path: Path, capsys
     assert "mixture of 1 sources" in out
 
 
+def test_positives_and_negatives_may_both_be_reference_sources(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "r.yaml"
+    config.write_text(
+        TINY.format(root=tmp_path)
+        + textwrap.indent(
+            textwrap.dedent(
+                """
+                sources:
+                  - name: web
+                    builtin: scramble
+                    builtin_mb: 0.05
+                    curation: {quality: {positives: [good], negatives: [junk], max_examples: 100}}
+                reference_sources:
+                  - {name: good, builtin: prose, builtin_mb: 0.1}
+                  - {name: junk, builtin: junk, builtin_mb: 0.1}
+                """
+            ),
+            "  ",
+        )
+    )
+    assert main(["prepare", str(config)]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "data" / "curation" / "quality-web.json").read_text())
+    assert saved["training"]["sources"] == {"positives": ["good"], "negatives": ["junk"]}
+    assert "reference source" not in out and "web: quality filter: kept" in out
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest is not None and [e["name"] for e in manifest["sources"]] == ["web"]
+    assert [p.name for p in (tmp_path / "data").glob("*.bin")] == ["web.bin"]
+
+
 # --- a negative set given on the command line, through the scalegpt executable ---------------------------
 
 
