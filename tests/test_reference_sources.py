@@ -99,8 +99,11 @@ def test_bad_reference_sources_are_one_line_and_write_nothing(tmp_path: Path, ca
     for overrides, message in cases:
         line = one_error_line(capsys, ["prepare", str(config), *overrides])
         assert message in line, (overrides, line)
-    assert not (tmp_path / "data").exists()
     assert str(missing) in line  # the last case names the missing file
+    config.write_text(config.read_text().replace("builtin_mb: 0.05}", "builtin_mb: 0.05, weight: 0.01}"))
+    line = one_error_line(capsys, ["prepare", str(config)])  # a weight set in YAML, as the old way had it
+    assert f"in {config}: Key 'weight' not in 'ReferenceSourceConfig'" in line
+    assert not (tmp_path / "data").exists()
 
 
 def test_an_unused_reference_source_is_not_read_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
