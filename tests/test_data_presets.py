@@ -20,7 +20,7 @@ from scalegpt.train.data import sources as src_mod
 from scalegpt.train.data.prepare import decontaminate, quality
 from scalegpt.train.data.tokenizer import EOT, PACKAGED_TOKENIZERS, load_tokenizer
 from scalegpt.train.errors import UserError
-from scalegpt.train.evaluation.tasks import TASKS
+from scalegpt.train.evaluation.tasks import TASKS, queries
 
 from conftest import CONFIGS
 
@@ -237,6 +237,46 @@ def test_gpt3_preset_declares_the_papers_curation_and_stops_at_its_placeholder(t
     line = one_error_line(capsys, ["prepare", str(run), "model.vocab_size=50257", f"data.dir={tmp_path / 'p'}"])
     assert "source 'common_crawl': path '/path/to/common_crawl/*.jsonl' matches no files" in line
     assert not (tmp_path / "p").exists()
+
+
+def test_gpt3_preset_on_stand_ins_filters_the_crawl_against_itself_and_decontaminates(tmp_path: Path, capsys) -> None:
+    """The preset's curation run as declared, its placeholder paths pointed at small generated stand-ins."""
+    planted = queries(TASKS["2D+"], 1000, 1234)[0].line  # a test query of `scalegpt eval`'s default seed
+    crawl = [*builtin.generate("prose", 0.06, seed=5), *builtin.generate("junk", 0.06, seed=6)]
+    random.Random(0).shuffle(crawl)
+    webtext = list(builtin.generate("prose", 0.03, seed=1))
+    webtext[0] = f"{webtext[0]} {planted} {webtext[0]}"
+    stand_ins = {
+        "common_crawl": crawl,
+        "webtext2": webtext,
+        "books1": list(builtin.generate("prose", 0.03, seed=2)),
+        "books2": list(builtin.generate("prose", 0.03, seed=3)),
+        "wikipedia": list(builtin.generate("prose", 0.03, seed=4)),
+    }
+    paths = []
+    for i, (name, docs) in enumerate(stand_ins.items()):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        paths.append(f"data.sources.{i}.path={tmp_path / f'{name}.jsonl'}")
+    data = tmp_path / "p"
+    run = preset_run(tmp_path, "gpt3")
+    assert main(["prepare", str(run), *paths, "model.vocab_size=50257", f"data.dir={data}"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["sources"]}
+    assert list(entries) == list(stand_ins)
+    saved = json.loads((data / "curation" / "quality-common_crawl.json").read_text())
+    positives = ["webtext2", "books1", "books2", "wikipedia"]
+    assert saved["training"]["sources"] == {"positives": positives, "negatives": ["common_crawl"]}
+    q = entries["common_crawl"]["curation"]["quality"]
+    kept = decoded_documents(data, manifest, entries["common_crawl"])
+    assert q["documents"] == len(crawl) and q["kept"] == q["documents"] - q["dropped"] == len(kept) > 0
+    assert set(kept) <= set(crawl) and q["rule"] == {"keep": "pareto", "alpha": 9.0}
+    for name, e in entries.items():
+        assert e["settings"]["curation"]["decontaminate"]["tasks"] == list(TASKS), name
+    row = entries["webtext2"]["curation"]["decontaminate"]
+    assert row["matches"] >= 1 and row["touched"] == 1 and row["documents"] == len(webtext)
+    assert not any(planted in d for d in decoded_documents(data, manifest, entries["webtext2"]))
+    assert planted in webtext[0] and "  webtext2: decontaminated: " in out
 
 
 def test_curated_mix_reads_the_web_a_line_a_document(shared_data: Path, tmp_path: Path, capsys) -> None:
