@@ -327,8 +327,8 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
         assert e["documents"] == len(docs) and not junk & set(docs), name
         row = e["curation"]["decontaminate"]
         into = docs if name == "web" else inputs[name]  # the web is filtered by quality first
-        assert row["documents"] == len(into) and row["chars"] == sum(map(len, into)), name
-        assert row["matches"] == 0 and row["pieces"] == len(docs) and row["chars_kept"] == row["chars"], name
+        assert row["documents"] == len(into) and row["bytes"] == sum(len(d.encode()) for d in into), name
+        assert row["matches"] == 0 and row["pieces"] == len(docs) and row["bytes_kept"] == row["bytes"], name
         assert f"  {name}: decontaminated: 0 matches in 0 of {len(into):,} documents" in out
         if name != "web":
             assert docs == inputs[name] and "quality" not in e["curation"], name
@@ -337,7 +337,7 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
     web, kept = inputs["web"], decoded_documents(data, manifest, entries["web"])
     assert q["documents"] == len(web) and q["bytes"] == sum(len(d.encode()) for d in web)
     assert q["kept"] == q["documents"] - q["dropped"] == len(kept) and 0 < len(kept) < len(web)
-    assert q["kept_bytes"] == sum(len(d.encode()) for d in kept) and set(kept) <= set(web)
+    assert q["bytes_kept"] == sum(len(d.encode()) for d in kept) and set(kept) <= set(web)
     assert sum(q["histogram"]) == len(web) and sum(q["kept_histogram"]) == len(kept)
     saved = json.loads((data / "curation" / "quality-web.json").read_text())
     assert saved["training"]["sources"] == {"positives": ["books", "wiki"], "negatives": ["junk"]}
