@@ -389,6 +389,29 @@ def _isoflop_tokens(budget: float, fpt: float, schedule: Schedule, shape: Shape)
     return tokens
 
 
+def budget_run(
+    config: str,
+    overrides: list[str],
+    shape: Shape,
+    budget_flops: float,
+    lr: float,
+    run_dir: Path,
+    world_size: int,
+) -> tuple[Config, RungInfo]:
+    """The run an IsoFLOP rung of `shape` at `budget_flops` would be, at `lr` and in `run_dir`: the config's
+    schedule shape over budget / FLOPs per token tokens (whole steps), loaded and checked. `scalegpt plan
+    --compute` writes it for the size its fits choose."""
+    args = argparse.Namespace(
+        config=config, overrides=overrides, tokens=None, flops=None, tokens_per_param=None, evals=12, checkpoints=4
+    )
+    ref = load_config(config, overrides)
+    recipe = replace(_recipe(args, ref, world_size), lr=lr, lr_exponent=0.0, budget="isoflop")
+    rung = _plan_rung(args, recipe, shape, None, run_dir.parent, budget_flops)
+    steps, tokens = rung.info.steps, rung.info.tokens
+    final = [*overrides, *_rung_overrides(shape, recipe, steps, tokens, lr, run_dir)]
+    return load_config(config, final), replace(rung.info, dir=str(run_dir), lr=float(f"{lr:.6g}"))
+
+
 def _plan_rung(
     args: argparse.Namespace,
     recipe: _Recipe,
