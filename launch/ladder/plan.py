@@ -402,7 +402,14 @@ def budget_run(
     schedule shape over budget / FLOPs per token tokens (whole steps), loaded and checked. `scalegpt plan
     --compute` writes it for the size its fits choose."""
     args = argparse.Namespace(
-        config=config, overrides=overrides, tokens=None, flops=None, tokens_per_param=None, evals=12, checkpoints=4
+        config=config,
+        overrides=overrides,
+        tokens=None,
+        flops=None,
+        tokens_per_param=None,
+        evals=12,
+        checkpoints=4,
+        lr_exponent=0.0,
     )
     ref = load_config(config, overrides)
     recipe = replace(_recipe(args, ref, world_size), lr=lr, lr_exponent=0.0, budget="isoflop")
