@@ -181,15 +181,16 @@ def test_the_plan_gives_each_size_its_budget_in_whole_steps(tmp_path: Path, caps
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("C=")]
     assert [r[0] for r in rows] == ["C=2e+11"] * 5 + ["C=6e+11"] * 5  # smallest budget first
-    model = load_config(CPU).model
+    cfg = load_config(CPU)
+    model, step = cfg.model, cfg.train.global_batch * cfg.model.n_ctx
     for r in rows:
         budget, (n_layer, d_model, n_head) = float(r[0][2:]), map(int, r[2:5])
         fpt = flops_per_token(replace(model, n_layer=n_layer, d_model=d_model, n_head=n_head))
         tokens = int(r[7].replace(",", ""))
-        assert budget / fpt <= tokens < budget / fpt + 2048  # rounded up to a whole step of 16 x 128 tokens
+        assert budget / fpt <= tokens < budget / fpt + step  # rounded up to a whole step
         assert float(r[10]) == pytest.approx(3e-3 * 128 / d_model, rel=1e-3)  # the ladder's width rule
     commands = [line for line in out.splitlines() if "--module scalegpt train" in line]
-    assert len(commands) == 10 and f"run.dir={ladder}/C=2e+11/L1-d16 " in commands[0]
+    assert len(commands) == 10 and f"run.dir={ladder}/C=2e+11/{rows[0][1]} " in commands[0]
     assert "IsoFLOP budgets 2e+11, 6e+11 FLOPs" in out and not ladder.exists()
 
 
@@ -221,8 +222,8 @@ def test_under_mup_every_size_keeps_the_configs_learning_rate(
         (["--isoflop", "1e12,-3e12"], "every budget must be a positive number of FLOPs, got -3e12"),
         (["--isoflop", "0"], "every budget must be a positive number of FLOPs, got 0"),
         (["--isoflop", "1e12,1e12"], "a budget is listed twice"),
-        (["--isoflop", "1e6,1e12"], "--isoflop budget 1e+06 FLOPs is too small for size L1-d16"),
-        (["--isoflop", "1e9", "--sizes", "32", "64", "128"], "too small for size L1-d64: at"),
+        (["--isoflop", "1e6,1e12"], "--isoflop budget 1e+06 FLOPs is too small for size L1-d8"),
+        (["--isoflop", "1e9", "--sizes", "32", "64", "128"], "too small for size L2-d128: at"),
         (["--isoflop", "1e12", "--sizes", "32", "64"], "a parabola per budget needs at least 3"),
         (["--isoflop", "1e12", "--lr-sweep", "1e-3,3e-3"], "give it, --axis or --lr-sweep, not more"),
         (["--isoflop", "1e12", "--tokens", "1e6"], "argument --tokens: not allowed with argument --isoflop"),
@@ -234,6 +235,18 @@ def test_bad_budgets_are_one_error_line_and_create_nothing(
     code = main(["ladder", CPU, f"run.dir={tmp_path / 'iso'}", *args])
     assert code == 2 and expect in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "iso").exists()
+
+
+def test_a_budget_too_small_says_the_least_budget_that_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ladder", CPU, f"run.dir={tmp_path / 'iso'}", "--isoflop", "1e7", "--sizes", "8", "16", "24"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    cfg = load_config(CPU)
+    fpt = flops_per_token(replace(cfg.model, n_layer=1, d_model=8, n_head=1))
+    step = cfg.train.global_batch * cfg.model.n_ctx
+    assert f"it buys {1e7 / fpt:.3g} tokens, less than one optimizer step ({step:,} tokens)" in line
+    assert f"give budgets of at least {step * fpt:.3g} FLOPs" in line and not (tmp_path / "iso").exists()
 
 
 # -- end to end -------------------------------------------------------------------------------------------------

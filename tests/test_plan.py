@@ -431,16 +431,18 @@ def test_plan_compute_agrees_with_the_ladder_fits_and_writes_a_run(
     # The shape: the size rule's width (heads of 16) with parameters nearest N_opt in log.
     base = load_config(ISOFLOP_CPU).model
     n_opt = _printed(out, "N_opt")
-    shapes = [replace(base, n_layer=max(1, round(d / 64)), d_model=d, n_head=d // 16) for d in range(16, 2048, 16)]
+    d_head = 16  # the ladder.json's size rule
+    shapes = [replace(base, n_layer=max(1, round(d / 64)), d_model=d, n_head=d // d_head) for d in range(16, 2048, 16)]
     best = min(shapes, key=lambda m: abs(math.log(count_params(m, non_embedding=True) / n_opt)))
     run = load_config(out_yaml)
     assert (run.model.n_layer, run.model.d_model, run.model.n_head) == (best.n_layer, best.d_model, best.n_head)
     assert f"L{best.n_layer}-d{best.d_model}: {best.n_layer} layers, d_model {best.d_model}" in out
-    tokens = run.train.max_steps * 32 * 128
-    assert budget / flops_per_token(best) <= tokens < budget / flops_per_token(best) + 32 * 128
+    step = run.train.global_batch * run.model.n_ctx
+    tokens = run.train.max_steps * step
+    assert budget / flops_per_token(best) <= tokens < budget / flops_per_token(best) + step
     assert run.optim.lr == pytest.approx(3e-3 * 128 / best.d_model, rel=1e-5)  # standard: the ladder's rule
     cfg = load_config(ISOFLOP_CPU)  # the config's schedule shape, scaled to the run's tokens
-    warmup = cfg.schedule.warmup_tokens / (cfg.train.max_steps * 32 * 128)
+    warmup = cfg.schedule.warmup_tokens / (cfg.train.max_steps * step)
     assert run.schedule.warmup_tokens == round(warmup * tokens) and run.schedule.decay_tokens == tokens
     assert run.run.dir == str(ladder / f"run-C=5e+12-L{best.n_layer}-d{best.d_model}")
     assert main(["train", str(out_yaml), "--dry-run"]) == 0 and not Path(run.run.dir).exists()
