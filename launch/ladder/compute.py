@@ -49,6 +49,7 @@ class ComputePlan:
     """The shape's run at this budget: its parameters, FLOPs per token, steps, tokens and learning rate."""
     lr_source: str
     cfg: Config
+    source: IsoflopSource
 
 
 def _no_fit(ladder_dir: Path, why: str) -> UserError:
@@ -66,8 +67,21 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def read_isoflop(ladder_dir: Path) -> tuple[dict[str, Any], Scaling, Scaling, Scaling]:
-    """LADDER/ladder.json and its three fits across budgets, or one UserError saying to run the ladder."""
+@dataclass(frozen=True)
+class IsoflopSource:
+    """What plan --compute takes from an IsoFLOP ladder's ladder.json."""
+
+    summary: dict[str, Any]
+    rule: SizeRule
+    lr_exponent: float
+    n_opt: Scaling
+    d_opt: Scaling
+    loss: Scaling
+
+
+def read_isoflop(ladder_dir: Path) -> IsoflopSource:
+    """LADDER/ladder.json's size rule, width rule and three fits across budgets, or one UserError saying to
+    run the ladder."""
     if not ladder_dir.is_dir():
         raise _no_fit(ladder_dir, "is not a directory")
     summary = _read(ladder_dir / LADDER_JSON)
@@ -79,11 +93,16 @@ def read_isoflop(ladder_dir: Path) -> tuple[dict[str, Any], Scaling, Scaling, Sc
     if not all(isinstance(fit.get(k), dict) for k in ("n_opt", "d_opt", "loss")):
         raise _no_fit(ladder_dir, f"has no IsoFLOP fit yet ({fit.get('note') or 'too few finished budgets'})")
     try:
-        laws = (Scaling.from_json(fit["n_opt"]), Scaling.from_json(fit["d_opt"]), Scaling.from_json(fit["loss"]))
-        summary["size_rule"]["aspect"], summary["size_rule"]["d_head"], summary["lr"]["exponent"]  # noqa: B018
-    except (KeyError, TypeError) as exc:
+        return IsoflopSource(
+            summary=summary,
+            rule=SizeRule(aspect=float(summary["size_rule"]["aspect"]), d_head=int(summary["size_rule"]["d_head"])),
+            lr_exponent=float(summary["lr"]["exponent"]),
+            n_opt=Scaling.from_json(fit["n_opt"]),
+            d_opt=Scaling.from_json(fit["d_opt"]),
+            loss=Scaling.from_json(fit["loss"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
         raise _no_fit(ladder_dir, f"has a ladder.json scalegpt did not write ({exc})") from None
-    return (summary, *laws)
 
 
 def nearest_shape(cfg: Config, rule: SizeRule, n: float) -> Shape:
@@ -120,45 +139,45 @@ def plan_compute(
     """The run the IsoFLOP fits of `ladder_dir` choose for `budget` FLOPs."""
     if not (math.isfinite(budget) and budget > 0):
         raise UserError(f"--compute must be a positive number of FLOPs, got {budget:g}")
-    summary, n_law, d_law, loss_law = read_isoflop(ladder_dir)
+    source = read_isoflop(ladder_dir)
     cfg = load_config(config, overrides)
-    rule = SizeRule(aspect=float(summary["size_rule"]["aspect"]), d_head=int(summary["size_rule"]["d_head"]))
-    exponent = float(summary["lr"]["exponent"])
-    n_opt = float(n_law(budget))
-    shape = nearest_shape(cfg, rule, n_opt)
+    exponent = source.lr_exponent
+    n_opt = float(source.n_opt(budget))
+    shape = nearest_shape(cfg, source.rule, n_opt)
     swept = _sweep_lr(ladder_dir, cfg, shape.d_model, exponent)
     if swept is not None:
-        lr, source = swept
+        lr, why = swept
     elif cfg.model.parametrization == "mup":
-        lr, source = cfg.optim.lr, "the config's optim.lr, as μP transfers it"
+        lr, why = cfg.optim.lr, "the config's optim.lr, as μP transfers it"
     else:
         lr = width_lr(cfg, shape.d_model, exponent)
-        source = f"the ladder's rule, {cfg.optim.lr:g} x ({cfg.model.d_model} / {shape.d_model})^{exponent:g}"
+        why = f"the ladder's rule, {cfg.optim.lr:g} x ({cfg.model.d_model} / {shape.d_model})^{exponent:g}"
     given = any(o.startswith("run.dir=") for o in overrides)
     run_dir = Path(cfg.run.dir) if given else ladder_dir / f"run-{budget_label(budget)}-{shape.name}"
     run_cfg, run = budget_run(config, overrides, shape, budget, lr, run_dir, world_size)
-    used = [float(c) for c in summary["isoflop_fit"].get("used") or summary["isoflop"]]
+    used = [float(c) for c in source.summary["isoflop_fit"].get("used") or source.summary["isoflop"]]
     return ComputePlan(
         budget=budget,
         n_opt=n_opt,
-        d_opt=float(d_law(budget)),
-        loss=float(loss_law(budget)),
+        d_opt=float(source.d_opt(budget)),
+        loss=float(source.loss(budget)),
+        source=source,
         fitted=(min(used), max(used)),
         shape=shape,
         run=run,
-        lr_source=source,
+        lr_source=why,
         cfg=run_cfg,
     )
 
 
-def compute_lines(plan: ComputePlan, ladder_dir: Path, laws: tuple[Scaling, Scaling, Scaling]) -> list[str]:
+def compute_lines(plan: ComputePlan, ladder_dir: Path) -> list[str]:
     lo, hi = plan.fitted
     reach = ""
     if plan.budget > hi:
         reach = f"; C is {plan.budget / hi:.3g}x the largest: an extrapolation of the fits"
     elif plan.budget < lo:
         reach = f"; C is below the smallest ({lo:.3g}): an extrapolation of the fits"
-    n_law, d_law, loss_law = laws
+    n_law, d_law, loss_law = plan.source.n_opt, plan.source.d_opt, plan.source.loss
     r, s = plan.run, plan.shape
     return [
         f"compute plan for C = {plan.budget:.6g} FLOPs from {ladder_dir} (IsoFLOP fits over budgets {lo:.3g} to "
@@ -186,8 +205,7 @@ def compute_command(args: argparse.Namespace) -> int:
         raise UserError(f"--write {out}: the folder {out.parent} does not exist")
     ladder_dir = Path(args.from_dir)
     plan = plan_compute(args.config, args.overrides, args.compute, ladder_dir, args.gpus)
-    _, *laws = read_isoflop(ladder_dir)
-    for line in compute_lines(plan, ladder_dir, tuple(laws)):  # type: ignore[arg-type]
+    for line in compute_lines(plan, ladder_dir):
         print(line, flush=True)
     if out is not None:
         atomic_write(out, to_yaml(plan.cfg))
