@@ -137,6 +137,12 @@ def test_the_attention_term_moves_a_plus_b_off_one() -> None:
         out += [_rung(c, n, 3.0 + 0.08 * math.log(n / n_opt) ** 2, 6 * n + 2e3 * n**0.5) for n in sizes]
     fit = fit_isoflop(list(budgets), out)
     assert fit.a_plus_b > 1.0 and fit.n_opt.exponent == pytest.approx(0.5, abs=1e-6)  # type: ignore[operator,union-attr]
+    # where it comes from: d ln(FLOPs per token / N) / d ln C at N_opt = 0.5 C^0.5, computed by hand
+    n = 0.2 * budgets**0.5
+    ratio = (6 * n + 2e3 * n**0.5) / n
+    slope = np.polyfit(np.log(budgets), np.log(ratio), 1)[0]
+    assert fit.attention_shift == pytest.approx(-slope, rel=1e-3)
+    assert fit.a_plus_b - 1 == pytest.approx(fit.attention_shift, abs=1e-9)  # type: ignore[operator]
 
 
 def test_a_budget_whose_minimum_is_outside_is_left_out_of_the_fits() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .isoflop import IsoflopFit
 from .results import GroupFit, Outcome, PowerLaw
@@ -125,6 +125,7 @@ def _isoflop_curves(ax: Axes, fit: IsoflopFit, colors: list[tuple]) -> None:
             face = color if curve.inside else "none"
             ax.plot([curve.n_opt], [curve.loss_opt], "*", color=color, mfc=face, mec="k", mew=0.6, ms=15)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis run into each other
     ax.grid(alpha=0.3, which="both")
     ax.set_xlabel("parameters N (all but the position embedding)")
     ax.set_ylabel("final validation loss (nats per token)")
@@ -148,6 +149,7 @@ def _isoflop_scaling(ax: Axes, fit: IsoflopFit, colors: list[tuple], which: str)
         ax.legend(fontsize=7, loc="upper left")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.set_xlabel("compute budget C (FLOPs)")
     ax.set_ylabel("parameters N_opt" if which == "n" else "tokens D_opt = C / FLOPs per token(N_opt)")

@@ -138,6 +138,10 @@ class IsoflopFit:
     loss: Scaling | None = None
     a_plus_b_err: float | None = None
     """From the fit of log(N_opt·D_opt) against log C (see the module docstring)."""
+    attention_shift: float | None = None
+    """How much of a + b - 1 the FLOPs per token beyond 6N make: minus the slope of log(FLOPs per token /
+    N_opt) against log C. Since D_opt = C / FLOPs per token, a + b - 1 equals it up to rounding; it is
+    reported to say where a + b's distance from 1 comes from, not as a check."""
     note: str = ""
 
     @property
@@ -164,6 +168,7 @@ class IsoflopFit:
             "a_plus_b": self.a_plus_b,
             "a_plus_b_err": self.a_plus_b_err,
             "a_plus_b_within_errors": self.a_plus_b_within,
+            "attention_shift": self.attention_shift,
             "all_minima_inside": all(c.inside for c in self.curves),
             "note": self.note,
         }
@@ -181,7 +186,8 @@ def fit_isoflop(budgets: list[float], outcomes: list[Outcome]) -> IsoflopFit:
     d_opt = Scaling.fit(cs, [c.d_opt for c in good])  # type: ignore[misc]
     loss = Scaling.fit(cs, [c.loss_opt for c in good])  # type: ignore[misc]
     product = Scaling.fit(cs, [c.n_opt * c.d_opt for c in good])  # type: ignore[operator]
-    return IsoflopFit(curves, cs, n_opt, d_opt, loss, product.exponent_err)
+    overhead = Scaling.fit(cs, [c.flops_per_token_opt / c.n_opt for c in good])  # type: ignore[operator]
+    return IsoflopFit(curves, cs, n_opt, d_opt, loss, product.exponent_err, -overhead.exponent)
 
 
 def isoflop_lines(fit: IsoflopFit) -> list[str]:
@@ -212,5 +218,10 @@ def isoflop_lines(fit: IsoflopFit) -> list[str]:
         within = "within" if fit.a_plus_b_within else "NOT within"
         combined = math.hypot(fit.n_opt.exponent_err or 0.0, fit.d_opt.exponent_err or 0.0)
         total += f" ± {fit.a_plus_b_err:.4f}: 1 is {within} a's and b's errors combined (± {combined:.4f})"
-    lines.append(total + " (D = C / FLOPs per token: only the attention term keeps a + b off 1)")
+    lines.append(total)
+    if fit.attention_shift is not None:
+        lines.append(
+            f"    the FLOPs per token beyond 6N (attention, 12·L·d·T) make {fit.attention_shift:+.4f} of a + b - 1: "
+            "with 6N alone, D_opt = C / 6N_opt and a + b = 1 exactly"
+        )
     return lines
