@@ -483,6 +483,7 @@ def test_plan_compute_takes_mup_and_swept_learning_rates(tmp_path: Path, capsys:
             "holds no IsoFLOP ladder (its ladder.json has no isoflop fit); run `scalegpt ladder CONFIG --isoflop",
         ),
         ("unfitted", [], "has no IsoFLOP fit yet (1 budget(s) with a minimum inside"),
+        ("planned", [], "has no IsoFLOP fit yet (no rung has finished); run `scalegpt ladder CONFIG --isoflop"),
         ("fitted", ["--compute=-1"], "--compute must be a positive number of FLOPs, got -1"),
         ("fitted", ["--compute", "1e3"], "too small for size L1-d16"),
         ("fitted", ["--compute", "many"], "argument --compute: invalid float value: 'many'"),
@@ -499,6 +500,10 @@ def test_plan_compute_bad_input_is_one_error_line_and_writes_nothing(
         _isoflop_ladder(ladder)
     elif case == "plain":
         (ladder / "ladder.json").write_text(json.dumps({"rungs": [], "fits": []}))
+    elif case == "planned":  # as the ladder writes it before its first rung trains
+        summary = _isoflop_ladder(ladder)
+        del summary["isoflop_fit"]
+        (ladder / "ladder.json").write_text(json.dumps(summary))
     elif case == "unfitted":
         summary = _isoflop_ladder(ladder)
         summary["isoflop_fit"] = {"n_opt": None, "note": "1 budget(s) with a minimum inside their sizes"}

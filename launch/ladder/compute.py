@@ -88,8 +88,10 @@ def read_isoflop(ladder_dir: Path) -> IsoflopSource:
     if summary is None:
         raise _no_fit(ladder_dir, f"has no readable {LADDER_JSON}")
     fit = summary.get("isoflop_fit")
-    if not summary.get("isoflop") or not isinstance(fit, dict):
+    if not summary.get("isoflop"):
         raise _no_fit(ladder_dir, "holds no IsoFLOP ladder (its ladder.json has no isoflop fit)")
+    if not isinstance(fit, dict):
+        raise _no_fit(ladder_dir, "has no IsoFLOP fit yet (no rung has finished)")
     if not all(isinstance(fit.get(k), dict) for k in ("n_opt", "d_opt", "loss")):
         raise _no_fit(ladder_dir, f"has no IsoFLOP fit yet ({fit.get('note') or 'too few finished budgets'})")
     try:
