@@ -128,6 +128,11 @@ def _add_plan(sub: _Subparsers) -> None:
     s.add_argument("--gpus", type=int, default=1)
     s.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
     s.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOPS per GPU for step time")
+    s.add_argument(
+        "--compute", type=float, default=None, metavar="C", help="size a run for C FLOPs from --from's IsoFLOP fits"
+    )
+    s.add_argument("--from", dest="from_dir", default=None, metavar="LADDER_DIR", help="an IsoFLOP ladder directory")
+    s.add_argument("--write", default=None, metavar="PATH", help="with --compute: write that run's config here")
 
 
 def _add_plot(sub: _Subparsers) -> None:

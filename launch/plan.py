@@ -1,5 +1,6 @@
 """`scalegpt plan CONFIG [--gpus N] [--gpu-memory GB] [--tflops T]`: will a run fit, with which micro
-batch, and how long will it take? Arithmetic only (model/flops.py for FLOPs, launch/memory.py for bytes,
+batch, and how long will it take? (`--compute C --from LADDER` sizes a run from an IsoFLOP ladder instead:
+launch/ladder/compute.py.) Arithmetic only (model/flops.py for FLOPs, launch/memory.py for bytes,
 train/schedule.py's run_totals for the tokens through the batch ramp): nothing is allocated or launched.
 
 ``plan_resources`` returns a ResourcePlan of numbers for tests and benchmarks (a GPU benchmark compares a
@@ -26,6 +27,7 @@ from ..train.config.schema import Config
 from ..train.engine import compiled_ops_note
 from ..train.errors import UserError
 from ..train.schedule import Totals, run_totals
+from .ladder.compute import compute_command
 from .memory import (
     ActivationMemory,
     GiB,
@@ -394,6 +396,8 @@ def format_plan(plan: ResourcePlan, source: str = "") -> str:
 def plan_command(args: argparse.Namespace) -> int:
     """`scalegpt plan`: print the plan; a global batch that cannot be reached exactly is an error
     (after the report, so the rest of it is still seen)."""
+    if args.compute is not None or args.from_dir is not None or args.write is not None:
+        return compute_command(args)
     cfg = load_config(args.config, args.overrides)
     plan = plan_resources(cfg, args.gpus, args.gpu_memory, args.tflops)
     print(format_plan(plan, str(args.config)), flush=True)

@@ -1,7 +1,8 @@
 """`scalegpt prepare`'s quality filter (GPT-3 Appendix A): the Pareto rule's keep rate against (2 - s)^-alpha and
 numpy's own pareto; the classifier on real prose against generated junk, its AUC checked by a rank count by
-hand; and the step set as a user sets it (YAML plus key=value through the CLI), its decisions recomputed from
-the saved classifier with scikit-learn and numpy alone, the same whatever the order of documents and the
+hand; and the step set as a user sets it (YAML plus key=value through the CLI, the junk a reference source
+that the classifier reads and no token file holds), its decisions recomputed from the saved classifier with
+scikit-learn and numpy alone, the same whatever the order of documents and the
 number of workers, a saved classifier reused, and each bad setting one line that changes nothing."""
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import psutil
 import pytest
 
 from scalegpt.launch.cli import main
-from scalegpt.train.config.schema import DataConfig, SourceConfig
+from scalegpt.train.config.loading import load_config
+from scalegpt.train.config.schema import DataConfig, SourceConfig, SourceSpec
 from scalegpt.train.data import builtin
 from scalegpt.train.data import sources as src_mod
-from scalegpt.train.data.mixture import read_manifest
+from scalegpt.train.data.mixture import Mixture, read_manifest
 from scalegpt.train.data.prepare import quality
 from scalegpt.train.data.tokenizer import EOT, load_tokenizer
 
@@ -113,7 +115,7 @@ def test_classifier_separates_books_and_wiki_from_junk() -> None:
 
 # --- prepare, as a user runs it -----------------------------------------------------------------------
 
-QUALITY = "data.sources.3.curation.quality"
+QUALITY = "data.sources.2.curation.quality"
 
 
 @dataclass
@@ -139,13 +141,14 @@ def _config(root: Path, data: Path, crawl: Path) -> str:
           tokenizer_sample_mb: 0.1
           val_fraction: 0.02
           num_proc: 1
+          reference_sources:
+            - {{name: junk, builtin: junk, builtin_mb: 0.3}}
           sources:
             - {{name: books, path: {root / "books.txt"}, weight: 0.3}}
             - {{name: wiki, path: {root / "wiki.txt"}, weight: 0.2}}
-            - {{name: junk, builtin: junk, builtin_mb: 0.3, weight: 0.1}}
             - name: crawl
               path: {crawl}
-              weight: 0.4
+              weight: 0.5
               curation:
                 quality: {{positives: [books, wiki], negatives: [junk], max_examples: 300}}
         """
@@ -265,6 +268,38 @@ def test_prepare_keeps_what_the_saved_classifier_scores(world: World) -> None:
     assert f"crawl: quality filter: kept {kept.sum():,} of {len(world.docs):,} documents" in world.out
 
 
+def test_the_reference_junk_is_trained_against_and_never_tokenized(world: World) -> None:
+    manifest = read_manifest(world.data)
+    assert manifest is not None and [e["name"] for e in manifest["sources"]] == ["books", "wiki", "crawl"]
+    assert sorted(p.name for p in world.data.glob("*.bin")) == ["books.bin", "crawl.bin", "wiki.bin"]
+    kept, _ = expected(world.data, world.docs, crawl_entry(world.data)["curation"]["quality"]["rule"])
+    prepared = {name: prepared_documents(world.data, name) for name in ("books", "wiki", "crawl")}
+    assert prepared == {  # every token decodes to the mixture's own text, and nothing else
+        "books": [(world.root / "books.txt").read_text()],
+        "wiki": [(world.root / "wiki.txt").read_text()],
+        "crawl": [d for d, k in zip(world.docs, kept, strict=True) if k],
+    }
+    junk = list(builtin.generate("junk", 0.3))
+    assert not set(junk) & {d for docs in prepared.values() for d in docs}
+
+    saved = json.loads((world.data / "curation" / "quality-crawl.json").read_text())
+    assert saved["training"]["sources"] == {"positives": ["books", "wiki"], "negatives": ["junk"]}
+    cfg = load_config(world.config, [f"{QUALITY}.alpha=6"])
+    positives = [src_mod.resolve(s) for s in cfg.data.sources[:2]]
+    negatives = [src_mod.resolve(SourceSpec(name="junk", builtin="junk", builtin_mb=0.3))]
+    q = cfg.data.sources[2].curation.quality
+    assert saved["training"]["key"] == quality.training_key(q, positives, negatives, cfg.data)
+    m = saved["metrics"]
+    examples = [quality.example_of(t) for t in quality.cut_examples((d, True) for d in junk)]
+    assert m["train_negatives"] + m["heldout_negatives"] == min(len(examples), q.max_examples) == 300
+    assert m["heldout_negatives"] == sum(e.split % quality.HELDOUT == 0 for e in sorted(examples)[:300])
+
+    mixture = Mixture.for_config(cfg)
+    assert mixture.names == ["books", "wiki", "crawl"]
+    assert mixture.weights.tolist() == pytest.approx([0.3, 0.2, 0.5])
+    assert f"mixture of 3 sources in {world.data}" in world.out
+
+
 def test_rerun_does_nothing_and_an_identical_retrain_re_prepares_nothing(
     world: World, capsys: pytest.CaptureFixture
 ) -> None:
@@ -306,7 +341,7 @@ def test_saved_classifier_reused_whatever_the_order_and_workers(world: World, ca
 
     over = [f"{QUALITY}.classifier={saved}", f"{QUALITY}.keep=threshold", f"{QUALITY}.threshold=0.9"]
     assert main(["prepare", str(config), *over]) == 0
-    assert "preparing 1 of 4 sources" in capsys.readouterr().out
+    assert "preparing 1 of 3 sources" in capsys.readouterr().out
     docs = [world.docs[i] for i in order]
     kept, _ = expected(world.data, docs, {"keep": "threshold", "threshold": 0.9})
     assert prepared_documents(root / "data", "crawl") == [d for d, k in zip(docs, kept, strict=True) if k]
@@ -325,7 +360,7 @@ def test_a_changed_positive_source_re_prepares_the_filtered_one(world: World, ca
     capsys.readouterr()
     assert main(["prepare", str(config), f"{QUALITY}.alpha=6"]) == 0
     out = capsys.readouterr().out
-    assert "crawl: trained a quality classifier" in out and "preparing 2 of 4 sources" in out
+    assert "crawl: trained a quality classifier" in out and "preparing 2 of 3 sources" in out
     assert "crawl: quality filter: kept" in out
 
 
@@ -344,9 +379,10 @@ def test_bad_quality_settings_are_one_line_and_change_nothing(world: World, caps
     cases = [
         (
             "positives=[books,web]",
-            "positives: no source named 'web' in data.sources (sources: books, wiki, junk, crawl)",
+            "positives: no source named 'web' in data.sources or data.reference_sources (sources: books, wiki, "
+            "crawl; reference sources: junk)",
         ),
-        ("negatives=[nothing]", "negatives: no source named 'nothing' in data.sources"),
+        ("negatives=[nothing]", "negatives: no source named 'nothing' in data.sources or data.reference_sources"),
         ("alpha=0", "alpha must be a number greater than 0 (the paper's is 9), got 0.0"),
         ("alpha=-2", "alpha must be a number greater than 0 (the paper's is 9), got -2.0"),
         ("positives=[books,books_]", "positives: no source named 'books_'"),

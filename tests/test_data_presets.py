@@ -1,5 +1,7 @@
 """Presets as a user meets them: found by name from any directory, GPT-2's tokenizer by name, corpora
-downloaded and checked against their sha256, and the SCALEGPT_DATA_ROOT mirror that keeps CI offline."""
+downloaded and checked against their sha256, the SCALEGPT_DATA_ROOT mirror that keeps CI offline, and the
+paper's curation as the gpt3 and curated-mix presets declare it (curated-mix prepared offline, its rows
+checked against the files)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import pytest
 from scalegpt.launch.cli import main
 from scalegpt.train.config.loading import PACKAGED_CONFIGS, load_config
 from scalegpt.train.data import builtin
-from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer
+from scalegpt.train.data import sources as src_mod
+from scalegpt.train.data.prepare import decontaminate, quality
+from scalegpt.train.data.tokenizer import EOT, PACKAGED_TOKENIZERS, load_tokenizer
 from scalegpt.train.errors import UserError
+from scalegpt.train.evaluation.tasks import TASKS, queries
 
 from conftest import CONFIGS
 
@@ -205,3 +210,137 @@ def test_corpus_presets_read_the_shared_folder_through_the_data_root(preset: str
     for src in downloaded:
         files = resolve(src).files
         assert len(files) == len(src.download) and all(shared_data in f.parents for f in files), src.name
+
+
+# --- curation in the presets ------------------------------------------------------------------------------
+
+
+def preset_run(tmp_path: Path, data: str) -> Path:
+    run = tmp_path / f"{data}.yaml"
+    run.write_text(f"defaults:\n  model: nano\n  data: {data}\ntrain:\n  max_steps: 100\n  micro_batch: 12\n")
+    return run
+
+
+def test_gpt3_preset_declares_the_papers_curation_and_stops_at_its_placeholder(tmp_path: Path, capsys) -> None:
+    run = preset_run(tmp_path, "gpt3")
+    cfg = load_config(run)
+    names = [s.name for s in cfg.data.sources]
+    assert names == ["common_crawl", "webtext2", "books1", "books2", "wikipedia"]
+    crawl = cfg.data.sources[0].curation.quality
+    assert crawl.positives == ["webtext2", "books1", "books2", "wikipedia"]  # Appendix A
+    assert crawl.negatives == [] and crawl.keep == "pareto" and crawl.alpha == 9.0  # against the raw crawl itself
+    assert not any(s.curation.quality.positives or s.curation.quality.classifier for s in cfg.data.sources[1:])
+    for i, s in enumerate(cfg.data.sources):  # the checks prepare runs once the paths resolve
+        key = f"data.sources.{i}.curation"
+        assert decontaminate.check(s.curation.decontaminate, f"{key}.decontaminate") == list(TASKS), s.name
+        quality.check(s.curation.quality, f"{key}.quality", cfg.data, s.name)
+    line = one_error_line(capsys, ["prepare", str(run), "model.vocab_size=50257", f"data.dir={tmp_path / 'p'}"])
+    assert "source 'common_crawl': path '/path/to/common_crawl/*.jsonl' matches no files" in line
+    assert not (tmp_path / "p").exists()
+
+
+def test_gpt3_preset_on_stand_ins_filters_the_crawl_against_itself_and_decontaminates(tmp_path: Path, capsys) -> None:
+    """The preset's curation run as declared, its placeholder paths pointed at small generated stand-ins."""
+    planted = queries(TASKS["2D+"], 1000, 1234)[0].line  # a test query of `scalegpt eval`'s default seed
+    crawl = [*builtin.generate("prose", 0.06, seed=5), *builtin.generate("junk", 0.06, seed=6)]
+    random.Random(0).shuffle(crawl)
+    webtext = list(builtin.generate("prose", 0.03, seed=1))
+    webtext[0] = f"{webtext[0]} {planted} {webtext[0]}"
+    stand_ins = {
+        "common_crawl": crawl,
+        "webtext2": webtext,
+        "books1": list(builtin.generate("prose", 0.03, seed=2)),
+        "books2": list(builtin.generate("prose", 0.03, seed=3)),
+        "wikipedia": list(builtin.generate("prose", 0.03, seed=4)),
+    }
+    paths = []
+    for i, (name, docs) in enumerate(stand_ins.items()):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        paths.append(f"data.sources.{i}.path={tmp_path / f'{name}.jsonl'}")
+    data = tmp_path / "p"
+    run = preset_run(tmp_path, "gpt3")
+    assert main(["prepare", str(run), *paths, "model.vocab_size=50257", f"data.dir={data}"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["sources"]}
+    assert list(entries) == list(stand_ins)
+    saved = json.loads((data / "curation" / "quality-common_crawl.json").read_text())
+    positives = ["webtext2", "books1", "books2", "wikipedia"]
+    assert saved["training"]["sources"] == {"positives": positives, "negatives": ["common_crawl"]}
+    q = entries["common_crawl"]["curation"]["quality"]
+    kept = decoded_documents(data, manifest, entries["common_crawl"])
+    assert q["documents"] == len(crawl) and q["kept"] == q["documents"] - q["dropped"] == len(kept) > 0
+    assert set(kept) <= set(crawl) and q["rule"] == {"keep": "pareto", "alpha": 9.0}
+    for name, e in entries.items():
+        assert e["settings"]["curation"]["decontaminate"]["tasks"] == list(TASKS), name
+    row = entries["webtext2"]["curation"]["decontaminate"]
+    assert row["matches"] >= 1 and row["touched"] == 1 and row["documents"] == len(webtext)
+    assert not any(planted in d for d in decoded_documents(data, manifest, entries["webtext2"]))
+    assert planted in webtext[0] and "  webtext2: decontaminated: " in out
+
+
+def test_curated_mix_reads_the_web_a_line_a_document(shared_data: Path, tmp_path: Path, capsys) -> None:
+    cfg = load_config(preset_run(tmp_path, "curated-mix"))
+    web = src_mod.resolve(cfg.data.sources[0])
+    assert cfg.data.sources[0].text_documents == "line" and [s.name for s in cfg.data.reference_sources] == ["junk"]
+    docs = [text for text, _ in src_mod.fragments(web, invalid_utf8="skip", chunk=4096, stats=src_mod.ReadStats())]
+    lines = (shared_data / "corpora" / "web_fineweb_edu_sample.txt").read_text().splitlines()
+    assert docs == [line for line in lines if line.strip()] and len(docs) > 4000
+    bad = [
+        ("data.sources.0.text_documents=page", "data.sources.0.text_documents in the command line: must be 'file' or"),
+        ("data.reference_sources.0.text_documents=line", "applies to path: sources only (source 'junk')"),
+    ]
+    for override, message in bad:
+        assert message in one_error_line(capsys, ["prepare", str(preset_run(tmp_path, "curated-mix")), override])
+
+
+def decoded_documents(data: Path, manifest: dict, entry: dict) -> list[str]:
+    ids = np.fromfile(data / entry["file"], dtype=manifest["dtype"])
+    text = load_tokenizer(data / "tokenizer.json").decode(ids.tolist(), skip_special_tokens=False)
+    return text.split(EOT)[:-1]
+
+
+@pytest.mark.slow  # tokenizes about 4.5 MB of real text and trains the quality classifier
+def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: Path, tmp_path: Path, capsys) -> None:
+    run = preset_run(tmp_path, "curated-mix")
+    data = tmp_path / "p"
+    assert main(["prepare", str(run), f"data.dir={data}"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["sources"]}
+    assert list(entries) == ["web", "books", "wiki", "drama", "code"]  # the junk is read, never tokenized
+    assert sorted(p.name for p in data.glob("*.bin")) == sorted(f"{n}.bin" for n in entries)
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    corpora = shared_data / "corpora"
+    inputs = {  # each source's documents, as the files hold them
+        "web": [line for line in (corpora / "web_fineweb_edu_sample.txt").read_text().splitlines() if line.strip()],
+        "books": [p.read_text() for p in sorted(corpora.glob("books_*.txt"))],
+        "wiki": [(corpora / "wiki_wikitext2_valid.txt").read_text()],
+        "drama": [(corpora / "drama_tinyshakespeare.txt").read_text()],
+        "code": [p.read_text() for p in src_mod.resolve(load_config(run).data.sources[4]).files],
+    }
+    junk = set(builtin.generate("junk", 2.0))
+    for name, e in entries.items():
+        docs = decoded_documents(data, manifest, e)
+        tokens = (data / e["file"]).stat().st_size // itemsize
+        assert e["tokens"] == tokens == e["train"]["tokens"] + e["val"]["tokens"], name
+        assert e["documents"] == len(docs) and not junk & set(docs), name
+        row = e["curation"]["decontaminate"]
+        into = docs if name == "web" else inputs[name]  # the web is filtered by quality first
+        assert row["documents"] == len(into) and row["bytes"] == sum(len(d.encode()) for d in into), name
+        assert row["matches"] == 0 and row["pieces"] == len(docs) and row["bytes_kept"] == row["bytes"], name
+        assert f"  {name}: decontaminated: 0 matches in 0 of {len(into):,} documents" in out
+        if name != "web":
+            assert docs == inputs[name] and "quality" not in e["curation"], name
+
+    q = entries["web"]["curation"]["quality"]
+    web, kept = inputs["web"], decoded_documents(data, manifest, entries["web"])
+    assert q["documents"] == len(web) and q["bytes"] == sum(len(d.encode()) for d in web)
+    assert q["kept"] == q["documents"] - q["dropped"] == len(kept) and 0 < len(kept) < len(web)
+    assert q["bytes_kept"] == sum(len(d.encode()) for d in kept) and set(kept) <= set(web)
+    assert sum(q["histogram"]) == len(web) and sum(q["kept_histogram"]) == len(kept)
+    saved = json.loads((data / "curation" / "quality-web.json").read_text())
+    assert saved["training"]["sources"] == {"positives": ["books", "wiki"], "negatives": ["junk"]}
+    assert saved["metrics"]["auc"] >= 0.95 and f"held-out AUC {saved['metrics']['auc']:.4f}" in out
+    assert f"web: quality filter: kept {len(kept):,} of {len(web):,} documents" in out
+    assert f"mixture of 5 sources in {data}" in out

@@ -118,7 +118,8 @@ def _packaged_run_dirs() -> set[str]:
 @pytest.fixture
 def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory to run from, holding what the docs tell the user to make first: a hostfile, GPT-2's
-    folder (only its config.json, all that loading reads), and the shakespeare.yaml of docs/data.md."""
+    folder (only its config.json, all that loading reads), and the shakespeare.yaml and curated.yaml of
+    docs/data.md."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hosts").write_text("worker-0 slots=8\nworker-1 slots=8\n")
     template = Path(cli.__file__).parent / "templates" / "hostfile"
@@ -127,6 +128,7 @@ def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "models" / "gpt2").mkdir(parents=True)
     (tmp_path / "models" / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "shakespeare.yaml").write_text("defaults:\n  model: nano\n  data: shakespeare\n")
+    (tmp_path / "curated.yaml").write_text("defaults:\n  model: nano\n  data: curated-mix\n")
     return tmp_path
 
 

@@ -290,6 +290,16 @@ def test_mup_from_standard_weights_is_refused_and_from_mup_weights_inherited(tmp
     assert "model.mup_base_d_model=64 in the command line conflicts" in line
 
 
+def test_mup_set_in_yaml_over_standard_weights_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """The same refusal when the run file, not the command line, asks for μP."""
+    source = _export_folder(tmp_path / "std", [])
+    run = tmp_path / "run.yaml"
+    mup = "model:\n  parametrization: mup\n  mup_base_d_model: 32\n"
+    run.write_text(Path(SMOKE).read_text() + mup + f"  init_from: {source}\ndata:\n  tokenizer: {source}\n")
+    line = error_line("train", str(run), "--dry-run")
+    assert f"model.parametrization=mup in {run} conflicts with model.init_from {source}" in line, line
+
+
 # -- a μP run end to end -----------------------------------------------------------------------------------
 # micro batch 4 and a ramp from 8 to 16 sequences in quanta of 8: 6 steps of 8, then 16, on 1 or 2 processes
 RAMP = [

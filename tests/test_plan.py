@@ -4,10 +4,13 @@ DeepSpeed ZeRO-2 engines on CPU (partition sizes within 5%, peak memory within 2
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from scalegpt.train.errors import UserError
 from scalegpt.train.schedule import Schedule
 
 from e2e import free_port
+from helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "gpt3-small.yaml"
@@ -369,3 +373,151 @@ def test_a_ramp_that_cannot_split_over_the_gpus_is_refused_after_the_report(
     assert err.count("\n") == 1 and "schedule.ramp_quantum=64" in err and "multiple of 128" in err, err
     assert main(["plan", str(SMALL), "--gpus", "16", "schedule.ramp_quantum=128"]) == 0
     assert "training time: 572,205 steps" in capsys.readouterr().out
+
+
+# -- plan --compute: a run sized by an IsoFLOP ladder's fits ------------------------------------------------------
+ISOFLOP_CPU = ROOT / "configs" / "isoflop-cpu.yaml"
+BUDGETS = [2e11, 6e11, 1.8e12]
+
+
+def _isoflop_ladder(ladder: Path) -> dict:
+    """A ladder.json as `scalegpt ladder --isoflop` writes it, from losses whose minima are known: N_opt =
+    0.3·C^0.48 with a little scatter, five sizes around each, FLOPs per token 6N + 4e4."""
+    from scalegpt.launch.ladder.isoflop import fit_isoflop
+    from scalegpt.launch.ladder.plan import RungInfo
+    from scalegpt.launch.ladder.results import Outcome
+
+    outcomes, rungs = [], []
+    for c, scatter in zip(BUDGETS, (1.03, 0.97, 1.01), strict=True):
+        n_opt = 0.3 * c**0.48 * scatter
+        for k in range(-2, 3):
+            n = round(n_opt * 2 ** (k / 2 + 0.2))
+            loss = 9.0 * c**-0.05 + 0.1 * math.log(n / n_opt) ** 2
+            info = RungInfo(f"n{n}", f"C={c:g}", f"C={c:g}/n{n}", 1, 32, 2, n, n, 6.0 * n + 4e4, 10, 100, 1e-3, c)
+            outcomes.append(Outcome(info, "done", 10, loss, None, []))
+            rungs.append({**vars(info), "status": "done", "val_loss": loss})
+    summary = {
+        "config": str(ISOFLOP_CPU),
+        "isoflop": BUDGETS,
+        "size_rule": {"aspect": 64.0, "d_head": 16, "text": ""},
+        "lr": {"reference": 3e-3, "d_model": 128, "exponent": 1.0},
+        "rungs": rungs,
+        "isoflop_fit": fit_isoflop(BUDGETS, outcomes).to_json(),
+    }
+    ladder.mkdir(parents=True, exist_ok=True)
+    (ladder / "ladder.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _printed(out: str, name: str) -> float:
+    match = re.search(rf"^  {name}\s+(\S+) ", out, re.MULTILINE)
+    assert match is not None, out
+    return float(match.group(1))
+
+
+def test_plan_compute_agrees_with_the_ladder_fits_and_writes_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ladder, out_yaml, budget = tmp_path / "iso", tmp_path / "run.yaml", 5e12
+    fit = _isoflop_ladder(ladder)["isoflop_fit"]
+    assert main(["plan", str(ISOFLOP_CPU), "--compute", "5e12", "--from", str(ladder), "--write", str(out_yaml)]) == 0
+    out = capsys.readouterr().out
+    # A second computation from the JSON: each fit is prefactor * C^exponent.
+    for name, key in (("N_opt", "n_opt"), ("D_opt", "d_opt"), ("loss", "loss")):
+        expected = fit[key]["prefactor"] * budget ** fit[key]["exponent"]
+        assert _printed(out, name) == pytest.approx(expected, rel=1e-5), name
+    assert 0.4 < fit["a"] < 0.56 and "an extrapolation" in out  # 5e12 is beyond the largest budget
+
+    # The shape: the size rule's width (heads of 16) with parameters nearest N_opt in log.
+    base = load_config(ISOFLOP_CPU).model
+    n_opt = _printed(out, "N_opt")
+    d_head = 16  # the ladder.json's size rule
+    shapes = [replace(base, n_layer=max(1, round(d / 64)), d_model=d, n_head=d // d_head) for d in range(16, 2048, 16)]
+    best = min(shapes, key=lambda m: abs(math.log(count_params(m, non_embedding=True) / n_opt)))
+    run = load_config(out_yaml)
+    assert (run.model.n_layer, run.model.d_model, run.model.n_head) == (best.n_layer, best.d_model, best.n_head)
+    assert f"L{best.n_layer}-d{best.d_model}: {best.n_layer} layers, d_model {best.d_model}" in out
+    step = run.train.global_batch * run.model.n_ctx
+    tokens = run.train.max_steps * step
+    assert budget / flops_per_token(best) <= tokens < budget / flops_per_token(best) + step
+    assert run.optim.lr == pytest.approx(3e-3 * 128 / best.d_model, rel=1e-5)  # standard: the ladder's rule
+    cfg = load_config(ISOFLOP_CPU)  # the config's schedule shape, scaled to the run's tokens
+    warmup = cfg.schedule.warmup_tokens / (cfg.train.max_steps * step)
+    assert run.schedule.warmup_tokens == round(warmup * tokens) and run.schedule.decay_tokens == tokens
+    assert run.run.dir == str(ladder / f"run-C=5e+12-L{best.n_layer}-d{best.d_model}")
+    assert main(["train", str(out_yaml), "--dry-run"]) == 0 and not Path(run.run.dir).exists()
+
+
+def test_plan_compute_takes_mup_and_swept_learning_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ladder = tmp_path / "iso"
+    _isoflop_ladder(ladder)
+    mup = ["model.parametrization=mup", "model.mup_base_d_model=32", "model.mup_base_d_head=16"]
+    out_yaml = tmp_path / "mup.yaml"
+    assert (
+        main(["plan", str(ISOFLOP_CPU), *mup, "--compute", "1e12", "--from", str(ladder), "--write", str(out_yaml)])
+        == 0
+    )
+    assert "(the config's optim.lr, as μP transfers it)" in capsys.readouterr().out
+    run = load_config(out_yaml)
+    assert run.optim.lr == 3e-3 and run.model.parametrization == "mup" and run.model.mup_base_d_model == 32
+
+    sweep = ladder / "lr-sweep"
+    sweep.mkdir()
+    best = [{"name": "L1-d32", "d_model": 32, "lr": 0.01}, {"name": "L1-d64", "d_model": 64, "lr": 0.006}]
+    (sweep / "ladder.json").write_text(json.dumps({"lr_sweep_best": best}))
+    assert main(["plan", str(ISOFLOP_CPU), "--compute", "1e12", "--from", str(ladder)]) == 0
+    out = capsys.readouterr().out
+    d_model = int(re.search(r"d_model (\d+),", out).group(1))  # type: ignore[union-attr]
+    assert _printed(out, "lr") == pytest.approx(0.006 * 64 / d_model, rel=1e-5)  # the widest's, by the width rule
+    assert main(["plan", str(ISOFLOP_CPU), *mup, "--compute", "1e12", "--from", str(ladder)]) == 0
+    assert _printed(capsys.readouterr().out, "lr") == 0.006  # under μP, as it is
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "expect"),
+    [
+        ("empty", [], "has no readable ladder.json; run `scalegpt ladder CONFIG --isoflop C1,C2,C3`"),
+        (
+            "plain",
+            [],
+            "holds no IsoFLOP ladder (its ladder.json has no isoflop fit); run `scalegpt ladder CONFIG --isoflop",
+        ),
+        ("unfitted", [], "has no IsoFLOP fit yet (1 budget(s) with a minimum inside"),
+        ("planned", [], "has no IsoFLOP fit yet (no rung has finished); run `scalegpt ladder CONFIG --isoflop"),
+        ("fitted", ["--compute=-1"], "--compute must be a positive number of FLOPs, got -1"),
+        ("fitted", ["--compute", "1e3"], "too small for size L1-d16"),
+        ("fitted", ["--compute", "many"], "argument --compute: invalid float value: 'many'"),
+        ("fitted", ["--write", "exists.yaml"], "--write {tmp}/exists.yaml: the file exists"),
+        ("fitted", ["--from-missing"], "needs --from LADDER_DIR too"),
+    ],
+)
+def test_plan_compute_bad_input_is_one_error_line_and_writes_nothing(
+    case: str, extra: list[str], expect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ladder = tmp_path / case
+    ladder.mkdir()
+    if case == "fitted":
+        _isoflop_ladder(ladder)
+    elif case == "plain":
+        (ladder / "ladder.json").write_text(json.dumps({"rungs": [], "fits": []}))
+    elif case == "planned":  # as the ladder writes it before its first rung trains
+        summary = _isoflop_ladder(ladder)
+        del summary["isoflop_fit"]
+        (ladder / "ladder.json").write_text(json.dumps(summary))
+    elif case == "unfitted":
+        summary = _isoflop_ladder(ladder)
+        summary["isoflop_fit"] = {"n_opt": None, "note": "1 budget(s) with a minimum inside their sizes"}
+        (ladder / "ladder.json").write_text(json.dumps(summary))
+    (tmp_path / "exists.yaml").write_text("keep me\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    args = ["--compute", "1e12", "--from", str(ladder), "--write", str(tmp_path / "new.yaml")]
+    if extra == ["--from-missing"]:
+        args = ["--compute", "1e12"]
+    elif extra and extra[0] == "--write":
+        args = ["--compute", "1e12", "--from", str(ladder), "--write", str(tmp_path / extra[1])]
+    elif extra:
+        args = [*extra, "--from", str(ladder), "--write", str(tmp_path / "new.yaml")]
+    assert main(["plan", str(ISOFLOP_CPU), *args]) == 2
+    err = capsys.readouterr().err
+    assert expect.format(tmp=tmp_path) in one_error_line(err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -14,12 +14,14 @@ from ...train.errors import UserError
 from ...train.osutil import write_json_atomic
 from .. import plot
 from .coord import coord_command
-from .figure import ladder_figure
+from .figure import isoflop_figure, ladder_figure
 from .fit import fit_all
+from .isoflop import CAVEAT as ISOFLOP_CAVEAT
+from .isoflop import fit_isoflop, isoflop_lines
 from .plan import LadderPlan, Rung, describe_plan, plan_ladder, plan_summary
 from .results import CAVEAT, LADDER_JSON, LADDER_PNG, GroupFit, Outcome, RungInfo, outcome
 from .run import check_rung_config, launch_namespace, prepare_data, run_rung, rung_world_size
-from .sweep import SWEEP_PNG, best_lrs, sweep_figure, sweep_lines
+from .sweep import SWEEP_PNG, sweep_figure, sweep_lines, sweep_report
 
 
 def summary_lines(outcomes: list[Outcome], fits: list[GroupFit]) -> list[str]:
@@ -65,7 +67,9 @@ def refresh(
     least one rung has finished). Returns the lines to print and the PNG written, if any."""
     infos = [RungInfo.from_json(r) for r in summary["rungs"]]
     outcomes = [outcome(ladder_dir, info) for info in infos]
-    fits = fit_all(outcomes)
+    budgets = summary.get("isoflop")
+    iso = fit_isoflop(budgets, outcomes) if budgets else None
+    fits = [] if iso else fit_all(outcomes)  # at one budget, loss against compute is no frontier
     summary = {
         **summary,
         "rungs": [
@@ -73,20 +77,29 @@ def refresh(
             for o in outcomes
         ],
         "fits": [g.to_json() for g in fits],
-        "caveat": CAVEAT,
+        "caveat": ISOFLOP_CAVEAT if iso else CAVEAT,
     }
-    best = best_lrs(outcomes) if summary.get("lr_sweep") else None
-    if best is not None:
-        summary["lr_sweep_best"] = [b.to_json() for b in best]
+    sweep = sweep_report(outcomes) if summary.get("lr_sweep") else None
+    if sweep is not None:
+        summary.update(sweep.to_json())
+    if iso is not None:
+        summary["isoflop_fit"] = iso.to_json()
     if write:
         write_json_atomic(ladder_dir / LADDER_JSON, summary)
-    lines = summary_lines(outcomes, fits) + ([] if best is None else sweep_lines(outcomes, best))
+    lines = summary_lines(outcomes, fits) + ([] if sweep is None else sweep_lines(outcomes, sweep))
+    lines += [] if iso is None else isoflop_lines(iso)
     if not any(o.finished for o in outcomes):
         return lines, None
     out = png or ladder_dir / LADDER_PNG
-    plot.save_png(ladder_figure(outcomes, fits, title=_title(ladder_dir, summary), caveat=CAVEAT), out)
-    if best is not None:
-        plot.save_png(sweep_figure(outcomes, best, _title(ladder_dir, summary)), out.with_name(SWEEP_PNG))
+    title = _title(ladder_dir, summary)
+    figure = (
+        isoflop_figure(iso, title=title, caveat=ISOFLOP_CAVEAT)
+        if iso
+        else ladder_figure(outcomes, fits, title=title, caveat=CAVEAT)
+    )
+    plot.save_png(figure, out)
+    if sweep is not None:
+        plot.save_png(sweep_figure(outcomes, sweep, title), out.with_name(SWEEP_PNG))
     return lines, out
 
 
@@ -172,7 +185,7 @@ def ladder_command(args: argparse.Namespace) -> int:
             _say("run the same command again to train them: a stopped rung resumes from its checkpoint")
     sweep_png = f" and {png.with_name(SWEEP_PNG)}" if png and plan.sweep else ""
     _say(f"wrote {plan.ladder_dir / LADDER_JSON}" + (f" and {png}" if png else "") + sweep_png)
-    _say(f"note: {CAVEAT}")
+    _say(f"note: {ISOFLOP_CAVEAT if plan.isoflop else CAVEAT}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ladder's figure in the style of GPT-3's Figure 3.1: validation loss against training compute on
 log-log axes, one learning curve per rung, and the fitted power-law frontier; beside it, final loss
-against parameters with L(N). matplotlib's object API on the Agg canvas, as launch/plot.py uses.
+against parameters with L(N). An --isoflop ladder draws Chinchilla's Figure 3 instead (isoflop_figure).
+matplotlib's object API on the Agg canvas, as launch/plot.py uses.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from .isoflop import IsoflopFit
 from .results import GroupFit, Outcome, PowerLaw
 
 
@@ -106,4 +108,63 @@ def ladder_figure(outcomes: list[Outcome], fits: list[GroupFit], *, title: str, 
     _params_panel(right, outcomes, fits, colors)
     fig.suptitle(title)
     fig.supxlabel(textwrap.fill(caveat, 170), fontsize=8, color="0.3")
+    return fig
+
+
+# -- --isoflop -----------------------------------------------------------------------------------------------
+def _isoflop_curves(ax: Axes, fit: IsoflopFit, colors: list[tuple]) -> None:
+    for curve, color in zip(fit.curves, colors, strict=True):
+        if not curve.params:
+            continue
+        ax.plot(curve.params, curve.losses, "o", color=color, ms=6, label=f"C = {curve.budget:.3g}")
+        if curve.coef is None:
+            continue
+        xs = np.geomspace(min(curve.params) / 1.4, max(curve.params) * 1.4, 100)
+        ax.plot(xs, np.polyval(curve.coef, np.log(xs)), "-", color=color, lw=1.4, alpha=0.85)
+        if curve.n_opt is not None:
+            face = color if curve.inside else "none"
+            ax.plot([curve.n_opt], [curve.loss_opt], "*", color=color, mfc=face, mec="k", mew=0.6, ms=15)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis run into each other
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("parameters N (all but the position embedding)")
+    ax.set_ylabel("final validation loss (nats per token)")
+    ax.set_title("IsoFLOP curves: a parabola in log N per budget, ★ its minimum")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, title="budget (FLOPs)")
+
+
+def _isoflop_scaling(ax: Axes, fit: IsoflopFit, colors: list[tuple], which: str) -> None:
+    """N_opt (which="n") or D_opt ("d") against C, each budget's point in its colour (hollow when its
+    minimum is outside the sizes and so left out of the fit), and the fitted line."""
+    law = fit.n_opt if which == "n" else fit.d_opt
+    for curve, color in zip(fit.curves, colors, strict=True):
+        y = curve.n_opt if which == "n" else curve.d_opt
+        if y is not None:
+            ax.plot([curve.budget], [y], "o", color=color, mfc=color if curve.inside else "none", mec=color, ms=8)
+    if law is not None:
+        cs = np.geomspace(min(fit.used) / 2, max(fit.used) * 2, 50)
+        name, exp = ("N_opt", "a") if which == "n" else ("D_opt", "b")
+        ax.plot(cs, law(cs), "-", color="0.15", lw=1.4, label=law.formula(name, exp))
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("compute budget C (FLOPs)")
+    ax.set_ylabel("parameters N_opt" if which == "n" else "tokens D_opt = C / FLOPs per token(N_opt)")
+    ax.set_title("best size against compute" if which == "n" else "best token count against compute")
+
+
+def isoflop_figure(fit: IsoflopFit, *, title: str, caveat: str) -> Figure:
+    """Chinchilla's Figure 3 in miniature: the IsoFLOP curves, then N_opt and D_opt against C."""
+    fig = Figure(figsize=(17, 5.6), layout="constrained")
+    left, middle, right = fig.subplots(1, 3, width_ratios=[1.3, 1, 1])
+    cmap = colormaps["plasma"]
+    colors = [cmap(0.8 * i / max(1, len(fit.curves) - 1)) for i in range(len(fit.curves))]
+    _isoflop_curves(left, fit, colors)
+    _isoflop_scaling(middle, fit, colors, "n")
+    _isoflop_scaling(right, fit, colors, "d")
+    fig.suptitle(title)
+    fig.supxlabel(textwrap.fill(caveat, 200), fontsize=8, color="0.3")
     return fig

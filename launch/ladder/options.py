@@ -34,7 +34,8 @@ def add_parser(sub: _Subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="d_model of each rung (the size rule picks layers and heads) or LAYERSxD_MODEL; default: "
-        f"{DEFAULT_RUNGS} widths from the config's d_model down by factors of sqrt(2)",
+        f"{DEFAULT_RUNGS} widths from the config's d_model down by factors of sqrt(2) (with --isoflop: five "
+        "sizes per budget around N = sqrt(C / 120), parameters spaced by sqrt(2))",
     )
     budget = s.add_mutually_exclusive_group()
     budget.add_argument(
@@ -42,6 +43,14 @@ def add_parser(sub: _Subparsers) -> argparse.ArgumentParser:
     )
     budget.add_argument(
         "--flops", type=float, default=None, metavar="C", help="train every rung for C FLOPs (an isoFLOP ladder)"
+    )
+    budget.add_argument(
+        "--isoflop",
+        default=None,
+        metavar="C1,C2,...",
+        help="IsoFLOP sizing (Chinchilla's Approach 2): at each FLOP budget train several sizes, each on budget / "
+        "FLOPs per token, fit a parabola of loss against log N per budget and N_opt, D_opt against C "
+        "(ladder.json, ladder.png; then `scalegpt plan CONFIG --compute C --from LADDER`)",
     )
     budget.add_argument(
         "--tokens-per-param",

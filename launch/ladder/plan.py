@@ -106,8 +106,79 @@ def default_sizes(model: ModelConfig, rule: SizeRule) -> list[str]:
     return [str(d) for d in sorted(widths)]
 
 
+def shape_params(model: ModelConfig, shape: Shape) -> int:
+    """Parameters N (model/flops.py's, all but the position embedding) of the config's model at `shape`."""
+    return count_params(_at(model, shape), non_embedding=True)
+
+
+def _at(model: ModelConfig, shape: Shape) -> ModelConfig:
+    return replace(model, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
+
+
+# -- IsoFLOP sizes ---------------------------------------------------------------------------------------------
+ISOFLOP_SIZES = 5
+"""Sizes per budget when --isoflop is given without --sizes."""
+CHINCHILLA_C_OVER_N2 = 120.0
+"""C = 6·N·D with Chinchilla's D = 20·N gives C = 120·N²: the default sizes centre on N = sqrt(C / 120)."""
+MIN_ISOFLOP_SIZES = 3
+"""A parabola through the losses of one budget needs three sizes."""
+
+
+def parse_isoflop(text: str) -> list[float]:
+    """`--isoflop 1e12,3e12,1e13`: positive finite FLOP budgets, no repeats once written as %g (the rung
+    directories' C=%g), smallest first."""
+    values: list[float] = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            budget = float(item)
+        except ValueError:
+            raise UserError(
+                f"--isoflop {text!r}: {item!r} is not a number; write FLOP budgets, e.g. 1e12,3e12,1e13"
+            ) from None
+        if not (math.isfinite(budget) and budget > 0):
+            raise UserError(f"--isoflop {text!r}: every budget must be a positive number of FLOPs, got {item}")
+        values.append(float(f"{budget:g}"))
+    if len(set(values)) != len(values):
+        raise UserError(f"--isoflop {text!r}: a budget is listed twice (budgets are compared to 6 digits)")
+    return sorted(values)
+
+
+def budget_label(budget: float) -> str:
+    """An IsoFLOP budget's group label and directory name: C=1e+12."""
+    return f"C={budget:g}"
+
+
+def isoflop_sizes(model: ModelConfig, rule: SizeRule, budget: float, count: int = ISOFLOP_SIZES) -> list[str]:
+    """`count` sizes of the size rule around Chinchilla's N = sqrt(C / 120), smallest first: the width
+    (a multiple of d_head) whose parameters are nearest that guess in log, then, each way, the next width
+    whose parameters are nearest sqrt(2) times (or over) the last, one width at least. Half the sizes sit
+    below the guess and half above; where the narrowest width (one head) stops the walk down, the rest go
+    above. Chinchilla's 20 tokens per parameter is only the centre: five sizes span about 4x in N, so an
+    optimum at roughly 5 to 80 tokens per parameter stays inside them."""
+    guess = math.sqrt(budget / CHINCHILLA_C_OVER_N2)
+    widths: list[tuple[int, int]] = []  # (d_model, N), growing with d_model
+    d = rule.d_head
+    while len(widths) < 100_000:
+        widths.append((d, shape_params(model, rule.shape(str(d)))))
+        if widths[-1][1] > guess * 2 ** (count / 2 + 1) and len(widths) > count:
+            break
+        d += rule.d_head
+
+    def nearest(target: float, lo: int, hi: int) -> int:
+        return min(range(lo, hi), key=lambda j: abs(math.log(widths[j][1] / target)))
+
+    chosen = [nearest(guess, 0, len(widths))]
+    below = (count - 1) // 2
+    while len(chosen) < count and below and chosen[0] > 0:  # down by sqrt(2) a step, as far as one head
+        chosen.insert(0, nearest(widths[chosen[0]][1] / math.sqrt(2), 0, chosen[0]))
+        below -= 1
+    while len(chosen) < count and chosen[-1] + 1 < len(widths):
+        chosen.append(nearest(widths[chosen[-1]][1] * math.sqrt(2), chosen[-1] + 1, len(widths)))
+    return [str(widths[j][0]) for j in chosen]
+
+
 # -- the plan --------------------------------------------------------------------------------------------
-Budget = Literal["tokens_per_param", "tokens", "flops"]
+Budget = Literal["tokens_per_param", "tokens", "flops", "isoflop"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +199,9 @@ class RungInfo:
     steps: int
     tokens: int
     lr: float
+    budget: float | None = None
+    """--isoflop: the FLOPs budget this rung belongs to (its tokens are budget / flops_per_token, rounded up
+    to whole steps); None in other ladders."""
 
     @property
     def label(self) -> str:
@@ -139,7 +213,7 @@ class RungInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RungInfo:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # a missing key is a TypeError
 
 
 @dataclass(frozen=True)
@@ -212,6 +286,8 @@ class LadderPlan:
     axis: Axis | None
     rungs: list[Rung]
     reference: Config = field(compare=False)
+    isoflop: list[float] | None = None
+    """--isoflop's budgets, smallest first; None in other ladders."""
 
     @property
     def sweep(self) -> bool:
@@ -219,6 +295,9 @@ class LadderPlan:
         return self.axis is not None and self.axis.key == SWEEP_KEY
 
     def budget_text(self) -> str:
+        if self.isoflop is not None:
+            budgets = ", ".join(f"{b:.3g}" for b in self.isoflop)
+            return f"IsoFLOP budgets {budgets} FLOPs, each size on budget / FLOPs per token"
         if self.budget == "tokens_per_param":
             return f"{self.budget_value:.4g} tokens per parameter"
         return f"{self.budget_value:.4g} {'tokens' if self.budget == 'tokens' else 'FLOPs'} per rung"
@@ -287,23 +366,88 @@ def _rung_overrides(shape: Shape, recipe: _Recipe, steps: int, tokens: int, lr: 
     ]
 
 
+def width_lr(cfg: Config, d_model: int, exponent: float) -> float:
+    """The learning rate of an IsoFLOP rung (and of `scalegpt plan --compute`'s run) at `d_model`: under
+    mup, the config's optim.lr, which μP transfers across width unchanged; under standard, the ladder's
+    rule, optim.lr x (config d_model / d_model)^exponent."""
+    if cfg.model.parametrization == "mup":
+        return cfg.optim.lr
+    return cfg.optim.lr * (cfg.model.d_model / d_model) ** exponent
+
+
+def _isoflop_tokens(budget: float, fpt: float, schedule: Schedule, shape: Shape) -> float:
+    """budget / FLOPs per token, refused when it is less than one optimizer step: such a rung would train
+    on a whole step anyway, at a multiple of its budget, and its point would not belong to the curve."""
+    tokens = budget / fpt
+    one_step = schedule.steps_to_reach(1).tokens
+    if tokens < one_step:
+        raise UserError(
+            f"--isoflop budget {budget:g} FLOPs is too small for size {shape.name}: at {fpt:.4g} FLOPs per token "
+            f"it buys {tokens:.3g} tokens, less than one optimizer step ({one_step:,} tokens); give budgets of at "
+            f"least {one_step * fpt:.3g} FLOPs, or smaller --sizes"
+        )
+    return tokens
+
+
+def budget_run(
+    config: str,
+    overrides: list[str],
+    shape: Shape,
+    budget_flops: float,
+    lr: float,
+    run_dir: Path,
+    world_size: int,
+) -> tuple[Config, RungInfo]:
+    """The run an IsoFLOP rung of `shape` at `budget_flops` would be, at `lr` and in `run_dir`: the config's
+    schedule shape over budget / FLOPs per token tokens (whole steps), loaded and checked. `scalegpt plan
+    --compute` writes it for the size its fits choose."""
+    args = argparse.Namespace(
+        config=config,
+        overrides=overrides,
+        tokens=None,
+        flops=None,
+        tokens_per_param=None,
+        evals=12,
+        checkpoints=4,
+        lr_exponent=0.0,
+    )
+    ref = load_config(config, overrides)
+    recipe = replace(_recipe(args, ref, world_size), lr=lr, lr_exponent=0.0, budget="isoflop")
+    rung = _plan_rung(args, recipe, shape, None, run_dir.parent, budget_flops)
+    steps, tokens = rung.info.steps, rung.info.tokens
+    final = [*overrides, *_rung_overrides(shape, recipe, steps, tokens, lr, run_dir)]
+    return load_config(config, final), replace(rung.info, dir=str(run_dir), lr=float(f"{lr:.6g}"))
+
+
 def _plan_rung(
-    args: argparse.Namespace, recipe: _Recipe, shape: Shape, axis: tuple[Axis, str] | None, ladder_dir: Path
+    args: argparse.Namespace,
+    recipe: _Recipe,
+    shape: Shape,
+    axis: tuple[Axis, str] | None,
+    ladder_dir: Path,
+    budget_flops: float | None = None,
 ) -> Rung:
-    """One rung: its budget in steps, its learning rate, and its config loaded through load_config."""
+    """One rung: its budget in steps, its learning rate, and its config loaded through load_config.
+    `budget_flops` makes it a rung of an IsoFLOP curve: budget / FLOPs per token tokens, under C=BUDGET/."""
     axis_over = [f"{axis[0].key}={axis[1]}"] if axis else []
     base = load_config(args.config, [*args.overrides, *axis_over])
-    model = replace(base.model, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
+    model = _at(base.model, shape)
     n, fpt = count_params(model, non_embedding=True), flops_per_token(model)
     target = {"tokens": recipe.budget_value, "flops": recipe.budget_value / fpt}.get(recipe.budget)
     schedule = Schedule.from_config(base, world_size=recipe.world_size)
+    if budget_flops is not None:
+        target = _isoflop_tokens(budget_flops, fpt, schedule, shape)
     budget = schedule.steps_to_reach(recipe.budget_value * n if target is None else target)
     steps, tokens = budget.steps, budget.tokens
     if axis and axis[0].key == SWEEP_KEY:  # a learning-rate sweep: the same value at every width
         lr = float(axis[1])
+    elif budget_flops is not None:
+        lr = width_lr(base, shape.d_model, recipe.lr_exponent)
     else:
         lr = recipe.lr * (recipe.d_ref / shape.d_model) ** recipe.lr_exponent
     rel = Path(axis[0].label(axis[1]).replace("/", "_")) / shape.name if axis else Path(shape.name)
+    if budget_flops is not None:
+        rel = Path(budget_label(budget_flops)) / shape.name
     overrides = [*args.overrides, *axis_over, *_rung_overrides(shape, recipe, steps, tokens, lr, ladder_dir / rel)]
     try:
         cfg = load_config(args.config, overrides)
@@ -311,7 +455,7 @@ def _plan_rung(
         raise UserError(f"rung {rel}: {exc}") from None
     info = RungInfo(
         name=shape.name,
-        axis_value=axis[0].label(axis[1]) if axis else None,
+        axis_value=budget_label(budget_flops) if budget_flops else axis[0].label(axis[1]) if axis else None,
         dir=str(rel),
         n_layer=shape.n_layer,
         d_model=shape.d_model,
@@ -322,6 +466,7 @@ def _plan_rung(
         steps=steps,
         tokens=tokens,
         lr=float(f"{lr:.6g}"),
+        budget=budget_flops,
     )
     return Rung(info=info, shape=shape, overrides=overrides, axis_override=axis_over, cfg=cfg)
 
@@ -350,10 +495,10 @@ def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
     )
     if rule.aspect <= 0 or rule.d_head <= 0:
         raise UserError("--aspect and --d-head must be positive")
-    shapes = [rule.shape(s) for s in (args.sizes or default_sizes(ref.model, rule))]
-    if len({s.name for s in shapes}) != len(shapes):
-        raise UserError(f"--sizes gives the same shape twice: {' '.join(s.name for s in shapes)}")
-    shapes.sort(key=lambda s: count_params(replace(ref.model, n_layer=s.n_layer, d_model=s.d_model, n_head=s.n_head)))
+    isoflop = getattr(args, "isoflop", None)
+    if isoflop is not None:
+        return _plan_isoflop(args, ref, rule, parse_isoflop(isoflop), world_size)
+    shapes = _shapes(ref, rule, args.sizes or default_sizes(ref.model, rule))
     if args.lr_sweep is not None and args.axis:
         raise UserError("--lr-sweep is an axis over optim.lr: give it or --axis, not both")
     axis = Axis(SWEEP_KEY, parse_sweep(args.lr_sweep)) if args.lr_sweep is not None else None
@@ -378,10 +523,55 @@ def plan_ladder(args: argparse.Namespace, world_size: int) -> LadderPlan:
     )
 
 
+def _shapes(ref: Config, rule: SizeRule, sizes: list[str]) -> list[Shape]:
+    """The shapes of `sizes`, smallest N first; a shape given twice is an error."""
+    shapes = [rule.shape(s) for s in sizes]
+    if len({s.name for s in shapes}) != len(shapes):
+        raise UserError(f"--sizes gives the same shape twice: {' '.join(s.name for s in shapes)}")
+    return sorted(shapes, key=lambda s: shape_params(ref.model, s))
+
+
+def _plan_isoflop(
+    args: argparse.Namespace, ref: Config, rule: SizeRule, budgets: list[float], world_size: int
+) -> LadderPlan:
+    """--isoflop: at each budget, each size on budget / FLOPs per token tokens (whole steps), under
+    LADDER/C=BUDGET/. The sizes are --sizes at every budget, else isoflop_sizes of each budget."""
+    if args.lr_sweep is not None or args.axis:
+        raise UserError("--isoflop trains its own grid of budgets and sizes: give it, --axis or --lr-sweep, not more")
+    recipe = replace(_recipe(args, ref, world_size), budget="isoflop", budget_value=max(budgets))
+    ladder_dir = Path(ref.run.dir)
+    rungs = []
+    for budget in budgets:
+        shapes = _shapes(ref, rule, args.sizes or isoflop_sizes(ref.model, rule, budget))
+        planned = [_plan_rung(args, recipe, shape, None, ladder_dir, budget) for shape in shapes]  # budget checked
+        if len(shapes) < MIN_ISOFLOP_SIZES:
+            given = "--sizes gives" if args.sizes else f"the default sizes at {budget:g} FLOPs come to"
+            raise UserError(
+                f"--isoflop: {given} {len(shapes)} size(s) ({' '.join(s.name for s in shapes)}); a parabola per "
+                f"budget needs at least {MIN_ISOFLOP_SIZES}: give more --sizes, or larger budgets"
+            )
+        rungs += planned
+    return LadderPlan(
+        config=args.config,
+        overrides=list(args.overrides),
+        ladder_dir=ladder_dir,
+        rule=rule,
+        budget="isoflop",
+        budget_value=max(budgets),
+        lr_exponent=recipe.lr_exponent,
+        axis=None,
+        rungs=rungs,
+        reference=ref,
+        isoflop=budgets,
+    )
+
+
 def describe_plan(plan: LadderPlan) -> list[str]:
     """The size rule, each rung's shape and budget, and where the shapes depart from Table 2.1."""
     ref = plan.reference
     lr_rule = f"lr = {ref.optim.lr:g} x ({ref.model.d_model} / d_model)^{plan.lr_exponent:g}"
+    if plan.isoflop is not None and ref.model.parametrization == "mup":
+        lr_rule = f"lr = {ref.optim.lr:g} at every width (μP transfers it)"
     if plan.sweep:
         lr_rule = f"lr swept over {', '.join(plan.axis.values)} at every width"  # type: ignore[union-attr]
     lines = [
@@ -421,6 +611,8 @@ def plan_summary(plan: LadderPlan) -> dict[str, Any]:
         "lr": {"reference": ref.optim.lr, "d_model": ref.model.d_model, "exponent": plan.lr_exponent},
         "axis": None if plan.axis is None else {"key": plan.axis.key, "values": plan.axis.values},
         "lr_sweep": plan.axis.values if plan.sweep else None,  # type: ignore[union-attr]
+        "isoflop": plan.isoflop,
+        "parametrization": ref.model.parametrization,
         "data": ", ".join(f"{s.name} {s.weight:g}" for s in ref.data.sources),
         "rungs": [vars(r.info) for r in plan.rungs],
     }

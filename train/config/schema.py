@@ -31,11 +31,13 @@ class RunConfig:
 
 
 @dataclass
-class SourceConfig:
+class SourceSpec:
+    """Where a source's text comes from: all a reference source has (data.reference_sources), and what a
+    mixture source (SourceConfig) adds its weight and curation to."""
+
     name: str = ""
-    """Unique name of the source (used in the manifest and in per-source metrics)."""
-    weight: float = 1.0
-    """Sampling weight in the mixture (normalized over sources, GPT-3 Table 2.2)."""
+    """Unique name of the source over data.sources and data.reference_sources (used in the manifest, in
+    per-source metrics and by curation steps)."""
     path: str | None = None
     """Local text (.txt), JSONL (.jsonl/.json) or Parquet: a file, a directory or a glob."""
     hf: str | None = None
@@ -57,11 +59,29 @@ class SourceConfig:
     """Size in MB of a generated built-in corpus."""
     text_field: str = "text"
     """Field holding the text in JSONL, Parquet and Hugging Face sources."""
+    text_documents: str = "file"
+    """How a plain-text file divides into documents: 'file' (the whole file is one) or 'line' (each non-empty line
+    is one, its newline dropped: a corpus kept one document a line, or paragraphs that curation should judge
+    one by one)."""
     download: list[str] = field(default_factory=list)
     """URLs of the files `path` names, each optionally ending in #sha256=<hex>: downloaded and cached by
     `datasets`, or read as `path` under $SCALEGPT_DATA_ROOT when that is set; either way checked."""
+
+
+@dataclass
+class SourceConfig(SourceSpec):
+    """A source of the mixture: tokenized by prepare and drawn by the trainer."""
+
+    weight: float = 1.0
+    """Sampling weight in the mixture (normalized over sources, GPT-3 Table 2.2)."""
     curation: CurationConfig = field(default_factory=CurationConfig)
     """What prepare does to the text before tokenizing it (train/data/curation.py)."""
+
+
+@dataclass
+class ReferenceSourceConfig(SourceSpec):
+    """Text that curation steps read and the mixture never holds: no weight (it is never drawn) and no curation
+    (it is read as it is). Its own class so that a weight or curation set on one is named as the mistake."""
 
 
 @dataclass
@@ -76,6 +96,9 @@ class StageConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """The mixture's sources; their weights are the run's from its first token (prepare only plans with them)."""
+    reference_sources: list[ReferenceSourceConfig] = field(default_factory=list)
+    """Text that curation steps read and the mixture never holds: a quality filter's positives or negatives
+    (e.g. generated junk) that must not be trained on. Never tokenized, drawn or listed in the manifest."""
     stages: list[StageConfig] = field(default_factory=list)
     """Later mixture stages, in order of start_tokens (e.g. the last 10% of tokens on the cleanest sources);
     each source's sample order continues across a boundary."""

@@ -7,7 +7,7 @@ import math
 
 from ..errors import UserError
 from ..recovery import FAULT_KINDS, parse_fault
-from .schema import Config, DataConfig, ScheduleConfig, SourceConfig
+from .schema import Config, DataConfig, ScheduleConfig, SourceConfig, SourceSpec
 
 
 def problems(cfg: Config) -> list[tuple[str, str]]:
@@ -67,7 +67,8 @@ def problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _data_problems(d: DataConfig) -> list[tuple[str, str]]:
-    """The data section's inconsistencies: split fraction, workers, and each source's name, weight and kind."""
+    """The data section's inconsistencies: split fraction, workers, each source's weight, and the name and kind
+    of each source and reference source."""
     out: list[tuple[str, str]] = []
     if not 0.0 <= d.val_fraction < 1.0:
         out.append(("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"))
@@ -75,23 +76,36 @@ def _data_problems(d: DataConfig) -> list[tuple[str, str]]:
         out.append(("data.num_proc", f"must be positive, got {d.num_proc}"))
     if d.invalid_utf8 not in ("skip", "error"):
         out.append(("data.invalid_utf8", f"must be 'skip' or 'error', got {d.invalid_utf8!r}"))
-    names = [src.name for src in d.sources]
-    for i, src in enumerate(d.sources):
-        key = f"data.sources.{i}"
+    listed: list[tuple[str, SourceSpec]] = [(f"data.sources.{i}", s) for i, s in enumerate(d.sources)]
+    listed += [(f"data.reference_sources.{i}", s) for i, s in enumerate(d.reference_sources)]
+    seen: dict[str, str] = {}
+    for key, src in listed:
         if not src.name:
             out.append((f"{key}.name", "every source needs a name"))
-        elif src.name in names[:i]:  # the later one is the duplicate: it is usually the one just added
-            first = names.index(src.name)
-            duplicate = f"duplicate source name {src.name!r} (source {first} has it); names must be unique"
+        elif src.name in seen:  # the later one is the duplicate: it is usually the one just added
+            duplicate = (
+                f"duplicate source name {src.name!r} ({seen[src.name]} has it); names must be unique over "
+                "data.sources and data.reference_sources"
+            )
             out.append((f"{key}.name", duplicate))
-        if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight)) or src.weight <= 0:
+        else:
+            seen[src.name] = key
+        if isinstance(src, SourceConfig) and not _positive_number(src.weight):  # a reference source has none
             out.append((f"{key}.weight", f"must be a positive number, got {src.weight}"))
         kinds = [k for k in ("path", "hf", "builtin") if getattr(src, k)]
         if len(kinds) != 1:
             out.append((key, f"source {src.name!r} needs exactly one of path, hf or builtin (has {kinds or 'none'})"))
         out.extend(_hf_limit_problems(key, src))
+        if src.text_documents not in ("file", "line"):
+            out.append((f"{key}.text_documents", f"must be 'file' or 'line', got {src.text_documents!r}"))
+        elif src.text_documents == "line" and not src.path:
+            out.append((f"{key}.text_documents", f"applies to path: sources only (source {src.name!r}); remove it"))
     out += _stage_problems(d)
     return out
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def _schedule_problems(s: ScheduleConfig) -> list[tuple[str, str]]:
@@ -120,14 +134,17 @@ def _stage_problems(d: DataConfig) -> list[tuple[str, str]]:
         last = max(last, stage.start_tokens)
         unknown = sorted(set(stage.weights) - names) if names else []
         if unknown:
-            out.append((f"{key}.weights", f"names {unknown}, which are not in data.sources ({sorted(names)})"))
+            message = f"names {unknown}, which are not in data.sources ({sorted(names)})"
+            if refs := [n for n in unknown if n in {r.name for r in d.reference_sources}]:
+                message += f"; {', '.join(refs)}: a reference source is read by curation only, never drawn"
+            out.append((f"{key}.weights", message))
         values = list(stage.weights.values())
         if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
             out.append((f"{key}.weights", f"need non-negative weights, one positive; got {dict(stage.weights)}"))
     return out
 
 
-def _hf_limit_problems(key: str, src: SourceConfig) -> list[tuple[str, str]]:
+def _hf_limit_problems(key: str, src: SourceSpec) -> list[tuple[str, str]]:
     """streaming, max_documents and max_mb belong to hf: sources, and the limits must be positive."""
     out = []
     for name in ("streaming", "max_documents", "max_mb"):

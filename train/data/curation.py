@@ -48,11 +48,11 @@ class QualityConfig:
     raw Common Crawl)."""
 
     positives: list[str] = field(default_factory=list)
-    """Names of sources in data.sources whose text is good; none (the default) turns the step off, unless
-    `classifier` names a saved one."""
+    """Names of sources (of data.sources or data.reference_sources) whose text is good; none (the default) turns
+    the step off, unless `classifier` names a saved one."""
     negatives: list[str] = field(default_factory=list)
-    """Names of sources whose text is the negative class; none means the filtered source itself (the paper's
-    raw Common Crawl)."""
+    """Names of sources whose text is the negative class (generated junk belongs in data.reference_sources, so
+    that it is not trained on); none means the filtered source itself (the paper's raw Common Crawl)."""
     buckets: int = 1 << 18
     """Hashed feature buckets (the paper's HashingTF size is not stated)."""
     ngrams: int = 2

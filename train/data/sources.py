@@ -18,9 +18,9 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Generic, Literal, TypeVar
 
-from ..config.schema import SourceConfig
+from ..config.schema import SourceSpec
 from ..errors import UserError
 from . import builtin, download
 from .tokenizer import split_safe
@@ -43,14 +43,18 @@ class ReadStats:
     first_bad: str = ""
 
 
+Spec = TypeVar("Spec", bound=SourceSpec)
+"""A mixture source's SourceConfig, or a reference source's SourceSpec: resolve keeps which."""
+
+
 @dataclass
-class Source:
+class Source(Generic[Spec]):
     """A config source resolved to concrete inputs, with a fingerprint of those inputs."""
 
     name: str
     kind: Literal["files", "hf", "builtin"]
     spec: str
-    cfg: SourceConfig
+    cfg: Spec
     fingerprint: str
     files: list[Path] = field(default_factory=list)
     dataset: Any = None  # kind == "hf": the datasets.Dataset (IterableDataset when streaming)
@@ -107,7 +111,7 @@ def expand_path(spec: str, source: str = "?") -> list[Path]:
     raise UserError(f"source {source!r}: path {shown} does not exist ({where})")
 
 
-def _load_hf(src: SourceConfig) -> tuple[Any, dict[str, list[str]]]:
+def _load_hf(src: SourceSpec) -> tuple[Any, dict[str, list[str]]]:
     """The dataset split (a streaming IterableDataset when src.streaming), and the data files it reads
     (for a hub dataset, URLs that name the revision: they fingerprint a streamed source)."""
     import datasets
@@ -134,7 +138,7 @@ def _load_hf(src: SourceConfig) -> tuple[Any, dict[str, list[str]]]:
     return ds, files
 
 
-def _check_text_column(src: SourceConfig, features: Any) -> None:
+def _check_text_column(src: SourceSpec, features: Any) -> None:
     if src.text_field not in features:
         raise UserError(
             f"source {src.name!r}: dataset {src.hf!r} has no column {src.text_field!r} "
@@ -148,7 +152,7 @@ def _check_text_column(src: SourceConfig, features: Any) -> None:
         )
 
 
-def resolve(src: SourceConfig) -> Source:
+def resolve(src: Spec) -> Source[Spec]:
     """Find the source's inputs and fingerprint them (paths + sizes + mtimes, builtin parameters, or the
     Hugging Face dataset's own fingerprint); raise UserError naming the source when they are missing."""
     if src.download and not src.path:
@@ -249,6 +253,15 @@ def _text_fragments(path: Path, mode: str, chunk: int | None, stats: ReadStats) 
         yield from (p for p in split_safe(buf, chunk) if p)
 
 
+def _line_documents(path: Path, mode: str, stats: ReadStats) -> Iterator[str]:
+    """Each non-empty line of a text file as a document of its own, without its line ending."""
+    with _open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            text = _decode(raw, path, number, mode, stats).rstrip("\r\n")
+            if text.strip():
+                yield text
+
+
 def _json_documents(path: Path, field_: str, mode: str, stats: ReadStats) -> Iterator[str]:
     def text_of(obj: Any, at: str) -> str | None:
         if not isinstance(obj, dict) or field_ not in obj:
@@ -309,7 +322,7 @@ def _parquet_documents(path: Path, field_: str) -> Iterator[str]:
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
-def _hf_documents(ds: Any, src: SourceConfig) -> Iterator[str]:
+def _hf_documents(ds: Any, src: SourceSpec) -> Iterator[str]:
     field_ = src.text_field
     if not src.streaming:
         for table in ds.select_columns([field_]).with_format("arrow").iter(batch_size=1024):
@@ -341,7 +354,9 @@ def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: Re
         else:
             for path in source.files:
                 kind = _format(path)
-                if kind == "text":
+                if kind == "text" and source.cfg.text_documents == "line":
+                    yield from (iter([d]) for d in _line_documents(path, invalid_utf8, stats))
+                elif kind == "text":
                     yield _text_fragments(path, invalid_utf8, chunk, stats)
                 elif kind == "json":
                     yield from (iter([d]) for d in _json_documents(path, source.cfg.text_field, invalid_utf8, stats))

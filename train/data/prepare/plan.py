@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from ...config.schema import Config
+from ...config.schema import Config, SourceConfig
 from ...errors import UserError
 from ...schedule import run_totals
 from .. import sources as src_mod
@@ -39,7 +39,7 @@ class Work:
     """A source being (re-)prepared, and what reading and tokenizing it found."""
 
     index: int
-    source: src_mod.Source
+    source: src_mod.Source[SourceConfig]
     stats: src_mod.ReadStats = field(default_factory=src_mod.ReadStats)
     rows: tuple[int, int] = (0, 0)
     chars: int = 0
@@ -84,7 +84,8 @@ class PreparePlan:
     data_dir: Path
     dtype: np.dtype
     recipe: dict[str, Any]
-    sources: list[src_mod.Source]
+    sources: list[src_mod.Source[SourceConfig]]
+    """The mixture's sources, the ones prepared (data.reference_sources are only read by curation steps)."""
     old: dict[str, Any] | None
     chunked: bool
     classifiers: dict[int, quality.Classifier] = field(default_factory=dict)
@@ -113,6 +114,8 @@ class PreparePlan:
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
+        if source.cfg.text_documents != "file":  # likewise
+            out["text_documents"] = source.cfg.text_documents
         return out
 
     def quality_filter(self, i: int) -> quality.QualityFilter | None:
@@ -201,10 +204,11 @@ def plan_prepare(cfg: Config, echo: Echo = print) -> tuple[PreparePlan, Tok | No
     sources = [src_mod.resolve(s) for s in d.sources]
     for i, s in enumerate(d.sources):  # bad curation settings fail before anything is read or written
         decontaminate.check(s.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
-        quality.check(s.curation.quality, f"data.sources.{i}.curation.quality", [x.name for x in d.sources], s.name)
+        quality.check(s.curation.quality, f"data.sources.{i}.curation.quality", d, s.name)
     recipe, tok = _tokenizer(cfg, data_dir, old)
     plan = PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok))
-    by_name = {s.name: s for s in sources}
+    by_name: dict[str, src_mod.Source[Any]] = {s.name: s for s in sources}
+    by_name.update((s.name, s) for s in _reference_sources(cfg, echo))
     for i, s in enumerate(sources):  # the classifiers' fingerprints are part of their sources' settings
         if quality.active(s.cfg.curation.quality):
             where = quality.stem(data_dir, file_name(s.name))
@@ -212,6 +216,22 @@ def plan_prepare(cfg: Config, echo: Echo = print) -> tuple[PreparePlan, Tok | No
             plan.classifiers[i] = quality.classifier_for(s.cfg.curation.quality, key, s, by_name, d, where)
             echo(quality.describe(s.name, plan.classifiers[i]))
     return plan, tok
+
+
+def _reference_sources(cfg: Config, echo: Echo) -> list[src_mod.Source[Any]]:
+    """The reference sources that a classifier is trained on, resolved (so a missing one fails before any work);
+    one that no step reads is left unread with a warning, since naming it was likely meant to matter."""
+    read = quality.trained_on(cfg.data)
+    out = []
+    for ref in cfg.data.reference_sources:
+        if ref.name in read:
+            out.append(src_mod.resolve(ref))
+        else:
+            echo(
+                f"warning: reference source {ref.name!r} is not read: no quality step trains on it (name it in a "
+                "curation.quality's positives or negatives, or remove it from data.reference_sources)"
+            )
+    return out
 
 
 def _tokenizer(cfg: Config, data_dir: Path, old: dict[str, Any] | None) -> tuple[dict[str, Any], Tok | None]:

@@ -1,5 +1,6 @@
 """The quality filter as a prepare step (GPT-3 Appendix A): a linear classifier on hashed word features,
-trained on sources the config names as positives against negatives, scores each document of the filtered
+trained on sources the config names as positives against negatives (sources of the mixture, or
+data.reference_sources, which are read here and never tokenized), scores each document of the filtered
 source, and a document is kept when `pareto(alpha) > 1 - score` (or, as the alternative, score >= threshold).
 
 The pieces, and why each is so:
@@ -73,10 +74,11 @@ def active(cfg: QualityConfig) -> bool:
     return bool(cfg.positives or cfg.classifier)
 
 
-def check(cfg: QualityConfig, key: str, names: Sequence[str], own: str) -> None:
+def check(cfg: QualityConfig, key: str, data: DataConfig, own: str) -> None:
     """Raise UserError naming the setting when cfg is wrong (before prepare reads or writes anything)."""
     if not active(cfg):
         return
+    names = {s.name for s in [*data.sources, *data.reference_sources]}
     if cfg.keep not in ("pareto", "threshold"):
         raise UserError(f"{key}.keep must be 'pareto' or 'threshold', got {cfg.keep!r}")
     if not (cfg.alpha > 0 and math.isfinite(cfg.alpha)):
@@ -87,8 +89,8 @@ def check(cfg: QualityConfig, key: str, names: Sequence[str], own: str) -> None:
         for name in getattr(cfg, what):
             if name not in names:
                 raise UserError(
-                    f"{key}.{what}: no source named {name!r} in data.sources (sources: {', '.join(names)}); "
-                    f"name sources of this config"
+                    f"{key}.{what}: no source named {name!r} in data.sources or data.reference_sources "
+                    f"({available(data)}); name one of them, or add it to data.reference_sources"
                 )
     if cfg.classifier:
         return  # the training settings are not used
@@ -104,6 +106,22 @@ def check(cfg: QualityConfig, key: str, names: Sequence[str], own: str) -> None:
     ):
         if value < low:
             raise UserError(f"{key}.{name} must be at least {low}, got {value}")
+
+
+def available(data: DataConfig) -> str:
+    """The names a quality step may name, for an error line."""
+    refs = ", ".join(s.name for s in data.reference_sources) or "none"
+    return f"sources: {', '.join(s.name for s in data.sources)}; reference sources: {refs}"
+
+
+def trained_on(data: DataConfig) -> set[str]:
+    """The names of the sources that some quality step trains its classifier on (a saved classifier reads none)."""
+    return {
+        name
+        for s in data.sources
+        if active(q := s.curation.quality) and not q.classifier
+        for name in (*q.positives, *q.negatives)
+    }
 
 
 @dataclass(frozen=True)
@@ -345,13 +363,16 @@ def training_key(
 
     def inputs(s: src_mod.Source) -> dict[str, Any]:
         c = s.cfg
-        return {
+        out = {
             "name": s.name,
             "fingerprint": s.fingerprint,
             "max_documents": c.max_documents,
             "max_mb": c.max_mb,
             "text_field": c.text_field,
         }
+        if c.text_documents != "file":  # only when set, so the classifiers saved before stay valid
+            out["text_documents"] = c.text_documents
+        return out
 
     key = {
         "version": VERSION,
