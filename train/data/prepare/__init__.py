@@ -103,7 +103,7 @@ def _run(plan: PreparePlan, stale: list[int], tok: Tok | None, echo: Echo) -> di
     """The three phases for the stale sources (every source when the BPE must be trained)."""
     quiet_datasets()
     indices = range(len(plan.sources)) if tok is None else stale
-    work = [Work(i, plan.sources[i]) for i in indices]
+    work = [Work(i, plan.sources[i], dedup_job=plan.dedup_job(i)) for i in indices]
     echo(f"preparing {len(work)} of {len(plan.sources)} sources into {plan.data_dir}")
     chunk = PIECE_CHARS if plan.chunked else None
     with Scratch(plan.data_dir) as scratch:
@@ -165,6 +165,8 @@ def _tokenize(
             w.entry = {**summarize(w, out, cfg, byte_len), **settings}
             if w.curation is not None:
                 w.entry["curation"] = {"decontaminate": w.curation.row()}
+            if w.dedup_stats is not None:
+                w.entry.setdefault("curation", {})["dedup"] = w.dedup_stats.row()
             finished(out.path, w.entry, w.chars)
             files.append(out.path)
     return files

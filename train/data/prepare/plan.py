@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
-from . import decontaminate
+from . import decontaminate, dedup
 from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,6 +45,8 @@ class Work:
     chars: int = 0
     entry: dict[str, Any] = field(default_factory=dict)
     curation: DecontaminationStats | None = None
+    dedup_job: dedup.DedupJob | None = None
+    dedup_stats: dedup.DedupStats | None = None
 
 
 @dataclass
@@ -103,10 +106,35 @@ class PreparePlan:
         curation = decontaminate.settings(source.cfg.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
         if curation is not None:  # only when set, so older manifests stay up to date
             out["curation"] = {"decontaminate": curation}
+        against = self.dedup_against(i)
+        if against is not None:
+            out.setdefault("curation", {})["dedup"] = dedup.settings(source.cfg.curation.dedup, against)
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
         return out
+
+    def dedup_against(self, i: int) -> dict[str, str] | None:
+        """Source i's dedup `against` sources with their indexes' fingerprints; None when its dedup is off."""
+        cfg = self.sources[i].cfg.curation.dedup
+        if not dedup.check(cfg, f"data.sources.{i}.curation.dedup", self.names, i):
+            return None
+        return {name: self.index_fingerprint(self.names.index(name)) for name in cfg.against}
+
+    def index_fingerprint(self, i: int) -> str:
+        """What source i's dedup index is a function of: its inputs and settings (those it is deduplicated
+        against included), so re-preparing a source re-prepares the sources deduplicated against it."""
+        what = {"fingerprint": self.sources[i].fingerprint, "settings": self.settings(i)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def dedup_job(self, i: int) -> dedup.DedupJob | None:
+        """What source i's dedup step needs, or None when it is off."""
+        against = self.dedup_against(i)
+        if against is None:
+            return None
+        index = lambda j: dedup.index_path(self.data_dir, file_name(self.names[j])[: -len(".bin")])  # noqa: E731
+        others = [(n, index(self.names.index(n)), fp) for n, fp in against.items()]
+        return dedup.DedupJob(self.sources[i].cfg.curation.dedup, index(i), self.index_fingerprint(i), others)
 
     def old_entry(self, name: str) -> dict[str, Any] | None:
         return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)
@@ -126,6 +154,7 @@ class PreparePlan:
             and entry["tokenizer_hash"] == tok_hash
             and path.is_file()
             and path.stat().st_size == entry["tokens"] * self.dtype.itemsize
+            and dedup.index_ok(self.dedup_job(i))
         )
 
     def manifest(self, entries: dict[str, dict[str, Any]], tok: Tok, file_sha: str) -> dict[str, Any]:
@@ -165,6 +194,8 @@ def plan_prepare(cfg: Config) -> tuple[PreparePlan, Tok | None]:
     sources = [src_mod.resolve(s) for s in d.sources]
     for i, s in enumerate(d.sources):  # bad curation settings fail before anything is read or written
         decontaminate.check(s.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
+        dedup.check(s.curation.dedup, f"data.sources.{i}.curation.dedup", [t.name for t in d.sources], i)
+    dedup.check_against([s.curation.dedup for s in d.sources], [t.name for t in d.sources])
     recipe, tok = _tokenizer(cfg, data_dir, old)
     return PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok)), tok
 

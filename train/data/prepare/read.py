@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from ...errors import UserError
 from .. import sources as src_mod
 from ..tokenizer import split_safe, train_bpe
 from .decontaminate import Decontaminator
+from .dedup import Deduplicator
+from .lock import SCRATCH_PREFIX
 from .plan import Echo, Work
 from .workers import Row
 
@@ -94,6 +97,11 @@ def read_sources(work: list[Work], cfg: Config, chunk: int | None, path: Path, e
 def curated(w: Work, cfg: Config, chunk: int | None) -> Iterator[src_mod.Fragment]:
     """The source's documents after its `curation:` steps (decontaminate.py), whose counts go to w.curation."""
     frags = src_mod.fragments(w.source, invalid_utf8=cfg.data.invalid_utf8, chunk=chunk, stats=w.stats)
+    if w.dedup_job is not None:  # its spool goes to this run's scratch folder (lock.Scratch), cleaned up with it
+        work = Path(cfg.data.dir) / f"{SCRATCH_PREFIX}{os.getpid()}" / f"dedup-{w.index}"
+        dedup_step = Deduplicator(w.dedup_job, w.source.name, work, Path(cfg.data.dir))
+        w.dedup_stats = dedup_step.stats
+        frags = dedup_step.apply(frags)
     step = Decontaminator.of(w.source.cfg.curation.decontaminate, f"data.sources.{w.index}.curation.decontaminate")
     if step is None:
         return frags
@@ -136,6 +144,8 @@ def report(w: Work, echo: Echo) -> None:
             f"source {w.source.name!r} ({w.source.spec}) is empty: no non-empty documents in {what}; "
             f"point it at text or remove it from data.sources"
         )
+    if w.dedup_stats is not None:
+        echo(f"  {w.source.name}: deduplicated: {w.dedup_stats.summary()}")
     if w.curation is not None:
         echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
     if s.bad_lines:

@@ -1,0 +1,593 @@
+"""Deduplication as a prepare step (GPT-3 Appendix A): exact and fuzzy (MinHash LSH) duplicate documents
+are removed from a source before it is tokenized, within the source and against earlier-ranked sources.
+
+Exact: two documents are the same when their text is identical once every run of whitespace is one
+space and the ends are stripped. Fuzzy: a document is the set of its shingles, runs of `shingle` words
+of that text lowercased and split on whitespace (a document with fewer words is one shingle); `num_hashes`
+MinHash values (rensa's Rust kernel, chosen by bench/dedup.py) are cut into `bands` bands, and documents
+sharing a band are candidates. A candidate pair is a duplicate when its estimated Jaccard similarity (the
+fraction of equal MinHash values) is at least `threshold`.
+
+The keep rule depends on the set of documents alone, never on their order, the number of workers or a
+resume: each document's rank is its normalized text's 64-bit hash (then the raw text's, among exact
+copies). Within a source, each LSH bucket links its members to its lowest-ranked member when their
+estimated Jaccard passes the threshold; each connected cluster keeps its lowest-ranked document. A
+document that matches a kept document of an earlier source in `against` is dropped before that, and so
+are its exact copies.
+
+Memory stays bounded: a first pass spools the documents to the scratch folder and writes each one's
+signature and band keys there, the keys partitioned by their top bits into PARTITIONS files handled one
+at a time; in memory stay only a few numbers per document. The second pass reads the spool back and
+yields the documents kept. A deduplicated source's index (its kept documents' band keys, signatures,
+hashes and excerpts) is then written, as a folder renamed into place, to data.dir/curation/<source>.dedup,
+where a later source deduplicated against it reads it; its fingerprint is part of that source's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import UserError
+from ..curation import DedupConfig
+from ..ngrams import gram_hashes
+from ..sampling import mix64
+from ..sources import Fragment
+
+VERSION = 1
+"""Part of a source's settings: bump when the step keeps other documents of the same input."""
+SEED = 1234
+"""MinHash seed: fixed, so that indexes of different sources are comparable."""
+PARTITIONS = 64
+"""Band-key files: each holds about 1/64 of a source's keys, so one in memory stays small."""
+_PART_SHIFT = np.uint64(64 - 6)
+_BATCH_CHARS = 1 << 20
+"""Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
+_RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+EXCERPT = 160
+"""Characters of a document kept as its excerpt in the index and the sample of dropped documents."""
+SAMPLES = 100
+"""Dropped documents described in dropped.jsonl: those of lowest rank, so the sample is order-independent."""
+INDEX_SUFFIX = ".dedup"
+
+
+def rensa_version() -> int:
+    """rensa's hashing algorithm version: part of the settings, so a rensa that hashes differently re-prepares."""
+    import rensa  # here, not at the top: loading a config needs no Rust extension
+
+    return int(rensa.RMinHash.ALGORITHM_VERSION)
+
+
+def check(cfg: DedupConfig, key: str, names: Sequence[str], index: int) -> bool:
+    """Whether the step is on, or a UserError naming the setting (before prepare writes anything). names are
+    data.sources' names in config order; against must name sources ranked before this one."""
+    for name in ("shingle", "num_hashes", "bands"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{key}.{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.num_hashes % cfg.bands:
+        raise UserError(
+            f"{key}.bands ({cfg.bands}) must divide {key}.num_hashes ({cfg.num_hashes}); e.g. bands=32 with "
+            f"num_hashes=128"
+        )
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise UserError(f"{key}.threshold must be a Jaccard similarity in [0, 1], got {cfg.threshold}")
+    for other in cfg.against:
+        if other not in names:
+            raise UserError(f"{key}.against names {other!r}, which is not a source; sources: {list(names)}")
+        if names.index(other) >= index:
+            raise UserError(
+                f"{key}.against names {other!r}, which is not ranked before {names[index]!r}: a source is "
+                f"deduplicated only against sources earlier in data.sources (the earlier copy is kept)"
+            )
+    if len(set(cfg.against)) != len(cfg.against):
+        raise UserError(f"{key}.against names a source twice: {list(cfg.against)}")
+    return cfg.within or bool(cfg.against)
+
+
+def check_against(cfgs: Sequence[DedupConfig], names: Sequence[str]) -> None:
+    """Each source named in an `against` is deduplicated itself, with the same hashing (so its index exists
+    and is comparable)."""
+    for i, cfg in enumerate(cfgs):
+        key = f"data.sources.{i}.curation.dedup.against"
+        for other in cfg.against:
+            j = list(names).index(other)
+            theirs = cfgs[j]
+            if not (theirs.within or theirs.against):
+                raise UserError(
+                    f"{key} names {other!r}, which is not deduplicated itself; set "
+                    f"data.sources.{j}.curation.dedup.within=true"
+                )
+            for name in ("shingle", "num_hashes", "bands"):
+                if getattr(theirs, name) != getattr(cfg, name):
+                    raise UserError(
+                        f"{key} names {other!r}, whose curation.dedup.{name} is {getattr(theirs, name)}, "
+                        f"not {getattr(cfg, name)}: documents are compared only with the same hashing"
+                    )
+
+
+def settings(cfg: DedupConfig, against: dict[str, str]) -> dict[str, Any]:
+    """What goes into the source's settings: a change re-prepares it. against: name -> that index's fingerprint."""
+    return {**asdict(cfg), "against": against, "seed": SEED, "rensa": rensa_version(), "version": VERSION}
+
+
+def index_path(data_dir: Path, file_stem: str) -> Path:
+    return data_dir / "curation" / f"{file_stem}{INDEX_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class DedupJob:
+    """What one source's step needs from the plan: its settings, where its index goes and the indexes it reads."""
+
+    cfg: DedupConfig
+    index: Path
+    fingerprint: str
+    """What the index is a function of (the source's inputs and settings), stored in its meta.json."""
+    against: list[tuple[str, Path, str]] = field(default_factory=list)
+    """(source name, index folder, expected fingerprint) of each earlier source, in the config's order."""
+
+
+def read_meta(index: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((index / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def index_ok(job: DedupJob | None) -> bool:
+    """Whether the source's index is in place and made from the same inputs and settings (or no index is due)."""
+    if job is None:
+        return True
+    meta = read_meta(job.index)
+    return meta is not None and meta.get("fingerprint") == job.fingerprint
+
+
+@dataclass
+class DedupStats:
+    """What the step did to one source, for the prepare log and the manifest."""
+
+    documents: int = 0
+    bytes: int = 0
+    kept: int = 0
+    bytes_kept: int = 0
+    dropped_exact: int = 0
+    """Identical (after whitespace normalization) to a kept document of this source."""
+    dropped_fuzzy: int = 0
+    """In a MinHash cluster of this source whose kept document is another."""
+    dropped_against: dict[str, int] = field(default_factory=dict)
+    """Per earlier source: documents that duplicate one of its kept documents."""
+    samples: str = ""
+    """The file, relative to data.dir, that describes up to SAMPLES dropped documents (one JSON line each)."""
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        against = "".join(f", {n:,} against {s}" for s, n in self.dropped_against.items())
+        return (
+            f"{self.kept:,} of {self.documents:,} documents kept ({self.bytes / 1e6:.2f} -> "
+            f"{self.bytes_kept / 1e6:.2f} MB); dropped {self.dropped_exact:,} exact, {self.dropped_fuzzy:,} "
+            f"fuzzy{against}"
+        )
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def normalize(text: str) -> str:
+    """The text exact dedup compares: every run of whitespace one space, the ends stripped."""
+    return " ".join(text.split())
+
+
+@dataclass
+class Signatures:
+    """One batch of documents hashed: their ranks' parts, sizes, MinHash signatures and band keys."""
+
+    chash: np.ndarray
+    rawhash: np.ndarray
+    nbytes: np.ndarray
+    sig: np.ndarray
+    """(documents, num_hashes) uint32."""
+    keys: np.ndarray
+    """(documents, bands) uint64: a band's key mixes its index with its hashes, so bands never collide."""
+
+
+def signatures(docs: Sequence[str], cfg: DedupConfig) -> Signatures:
+    """Hash a batch of documents (see the module docstring for the shingles)."""
+    import rensa  # here, not at the top: loading a config needs no Rust extension
+
+    norm = [normalize(d) for d in docs]
+    raw = [d.encode("utf-8") for d in docs]
+    chash = np.array([_h64(n.encode("utf-8")) for n in norm], dtype=np.uint64)
+    rawhash = np.array([_h64(r) for r in raw], dtype=np.uint64)
+    words = [n.lower().split() for n in norm]
+    lengths = np.array([len(w) for w in words], dtype=np.int64)
+    word_hashes = np.fromiter(
+        itertools.chain.from_iterable(rensa.RMinHash.hash_token_sets(words)), dtype=np.uint64, count=int(lengths.sum())
+    )
+    n = cfg.shingle
+    counts = np.maximum(lengths - n + 1, 0)
+    grams = gram_hashes(word_hashes, n, lengths)  # only runs inside one document, in document order
+    per_doc = np.where(counts > 0, counts, 1)  # a document shorter than a shingle is one token: its hash
+    offsets = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.uint64)
+    tokens = np.empty(int(offsets[-1]), dtype=np.uint64)
+    long = counts > 0
+    gram_start = np.concatenate([[0], np.cumsum(counts[long])[:-1]]).astype(np.int64)
+    at = np.repeat(offsets[:-1][long].astype(np.int64) - gram_start, counts[long]) + np.arange(len(grams))
+    tokens[at] = grams
+    tokens[offsets[:-1][~long].astype(np.int64)] = chash[~long]
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(tokens, offsets, cfg.num_hashes, SEED)
+    sig = np.array(matrix.to_rows(), dtype=np.uint32).reshape(len(docs), cfg.num_hashes)
+    rows = cfg.num_hashes // cfg.bands
+    bands = sig.reshape(len(docs), cfg.bands, rows).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        acc = np.broadcast_to(mix64(np.arange(cfg.bands, dtype=np.uint64) + _GOLDEN), bands.shape[:2]).copy()
+        for j in range(rows):
+            acc = mix64(acc ^ (bands[:, :, j] + _GOLDEN))
+    return Signatures(chash, rawhash, np.array([len(r) for r in raw], dtype=np.int64), sig, acc)
+
+
+class _Partitions:
+    """Band-key records (key, document) appended to PARTITIONS files by the key's top bits."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = [folder / f"keys-{p:02d}.bin" for p in range(PARTITIONS)]
+        self.files = [open(p, "wb") for p in self.paths]
+
+    def add(self, keys: np.ndarray, docs: np.ndarray) -> None:
+        rec = np.empty(keys.size, dtype=_RECORD)
+        rec["key"] = keys.ravel()
+        rec["doc"] = np.repeat(docs, keys.shape[1])
+        part = (rec["key"] >> _PART_SHIFT).astype(np.int64)
+        order = np.argsort(part, kind="stable")
+        rec, part = rec[order], part[order]
+        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1))
+        for p in range(PARTITIONS):
+            if bounds[p + 1] > bounds[p]:
+                self.files[p].write(rec[bounds[p] : bounds[p + 1]].tobytes())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    @staticmethod
+    def read(path: Path) -> np.ndarray:
+        return np.fromfile(path, dtype=_RECORD)
+
+
+class _SigFile:
+    """Signature rows read by document number with pread, so that only the rows asked for are in memory."""
+
+    def __init__(self, path: Path, num_hashes: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.row = num_hashes * 4
+        self.num_hashes = num_hashes
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), self.num_hashes), dtype=np.uint32)
+        for k, i in enumerate(ids.tolist()):
+            out[k] = np.frombuffer(os.pread(self.fd, self.row, i * self.row), dtype=np.uint32)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_PAIR_CHUNK = 8192
+
+
+def _jaccard(a: _SigFile, b: _SigFile, pairs: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of each (row in a, row in b) pair, reading a chunk of rows at a time."""
+    out = np.empty(len(pairs), dtype=np.float64)
+    for s in range(0, len(pairs), _PAIR_CHUNK):
+        chunk = pairs[s : s + _PAIR_CHUNK]
+        ua, ia = np.unique(chunk[:, 0], return_inverse=True)
+        ub, ib = np.unique(chunk[:, 1], return_inverse=True)
+        out[s : s + len(chunk)] = (a.rows(ua)[ia] == b.rows(ub)[ib]).mean(axis=1)
+    return out
+
+
+def _bucket_pairs(rec: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """(first, member) pairs of documents sharing a key: each member linked to its bucket's lowest-ranked one."""
+    if len(rec) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    docs = rec["doc"].astype(np.int64)
+    order = np.lexsort((rank[docs], rec["key"]))
+    keys, docs = rec["key"][order], docs[order]
+    start = np.concatenate([[True], keys[1:] != keys[:-1]])
+    first = np.maximum.accumulate(np.where(start, np.arange(len(keys)), 0))
+    member = ~start
+    return np.stack([docs[first[member]], docs[member]], axis=1)
+
+
+def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    if not len(pairs):
+        return pairs.reshape(0, 2)
+    packed = np.unique((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
+    return np.stack([(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)], 1)
+
+
+def _find(parent: np.ndarray, x: int) -> int:
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:
+        parent[x], x = root, parent[x]
+    return root
+
+
+class Deduplicator:
+    """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival."""
+
+    def __init__(self, job: DedupJob, name: str, work: Path, data_dir: Path) -> None:
+        self.job, self.cfg, self.name = job, job.cfg, name
+        self.work, self.data_dir = work, data_dir
+        self.stats = DedupStats()
+
+    # pass 1 ----------------------------------------------------------------------------------------------
+    def _spool(self, frags: Iterator[Fragment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Write every document to the spool, its signature to sigs.u32 and its band keys to the partitions;
+        return each document's normalized-text hash, raw-text hash and UTF-8 size."""
+        parts = _Partitions(self.work / "keys")
+        chash, rawhash, nbytes = [], [], []
+        n = 0
+        with open(self.work / "spool.bin", "wb") as spool, open(self.work / "sigs.u32", "wb") as sigs:
+
+            def flush(batch: list[str]) -> None:
+                nonlocal n
+                if not batch:
+                    return
+                s = signatures(batch, self.cfg)
+                for d in batch:
+                    data = d.encode("utf-8")
+                    spool.write(len(data).to_bytes(8, "little"))
+                    spool.write(data)
+                sigs.write(s.sig.tobytes())
+                parts.add(s.keys, np.arange(n, n + len(batch), dtype=np.uint32))
+                chash.append(s.chash)
+                rawhash.append(s.rawhash)
+                nbytes.append(s.nbytes)
+                n += len(batch)
+
+            pieces: list[str] = []
+            batch: list[str] = []
+            size = 0
+            for text, end in frags:
+                pieces.append(text)
+                if end:
+                    batch.append("".join(pieces))
+                    size += len(batch[-1])
+                    pieces = []
+                    if size >= _BATCH_CHARS:
+                        flush(batch)
+                        batch, size = [], 0
+            if pieces:
+                batch.append("".join(pieces))
+            flush(batch)
+        parts.close()
+        self.parts = parts.paths
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dtype=dt)  # noqa: E731
+        return cat(chash, np.uint64), cat(rawhash, np.uint64), cat(nbytes, np.int64)
+
+    # decisions -------------------------------------------------------------------------------------------
+    def _decide(self, chash: np.ndarray, rawhash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """keep (bool per document) and each document's rank; self.reason and self.keeper say why each
+        dropped document went and which document it duplicates."""
+        n = len(chash)
+        order = np.lexsort((rawhash, chash))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        # exact groups: the representative is the lowest-ranked document of each normalized text
+        sorted_h = chash[order]
+        start = np.concatenate([[True], sorted_h[1:] != sorted_h[:-1]]) if n else np.empty(0, bool)
+        rep_sorted = order[np.maximum.accumulate(np.where(start, np.arange(n), 0))] if n else order
+        rep = np.empty(n, dtype=np.int64)
+        rep[order] = rep_sorted
+        is_rep = rep == np.arange(n)
+        keep = np.ones(n, dtype=bool)
+        reason = np.zeros(n, dtype=np.int8)  # 0 kept, 1 exact, 2 fuzzy, 3 + k against the k-th source
+        keeper = np.full(n, -1, dtype=np.int64)
+        sigs = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
+        try:
+            for k, (other, folder, fingerprint) in enumerate(self.job.against):
+                hit, who = self._against(folder, fingerprint, other, sigs, is_rep & keep, n)
+                dropped = hit[rep]  # the whole exact group goes with its representative
+                newly = dropped & keep
+                keep[newly] = False
+                reason[newly] = 3 + k
+                keeper[newly] = who[rep[newly]]
+                self.stats.dropped_against[other] = int(newly.sum())
+            if self.cfg.within:
+                exact = keep & ~is_rep & keep[rep]
+                keep[exact] = False
+                reason[exact] = 1
+                keeper[exact] = rep[exact]
+                self.stats.dropped_exact = int(exact.sum())
+                fuzzy_keeper = self._clusters(sigs, keep & is_rep, rank)
+                fuzzy = keep & (fuzzy_keeper != np.arange(n))
+                keep[fuzzy] = False
+                reason[fuzzy] = 2
+                keeper[fuzzy] = fuzzy_keeper[fuzzy]
+                self.stats.dropped_fuzzy = int(fuzzy.sum())
+        finally:
+            sigs.close()
+        self.reason, self.keeper = reason, keeper
+        return keep, rank
+
+    def _against(
+        self, folder: Path, fingerprint: str, other: str, sigs: _SigFile, alive: np.ndarray, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which documents duplicate a kept document of the other source's index, and which one (its number)."""
+        meta = read_meta(folder)
+        if meta is None or meta.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"source {self.name!r} is deduplicated against {other!r}, whose index {folder} is missing or "
+                f"out of date; re-run `scalegpt prepare` to rebuild it"
+            )
+        theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
+        best = np.zeros(n, dtype=np.float64)
+        who = np.full(n, -1, dtype=np.int64)
+        try:
+            for p, path in enumerate(self.parts):
+                ours = _Partitions.read(path)
+                ours = ours[alive[ours["doc"]]]
+                idx = _Partitions.read(folder / "keys" / f"keys-{p:02d}.bin")  # sorted by (key, doc)
+                if not len(ours) or not len(idx):
+                    continue
+                lo = np.searchsorted(idx["key"], ours["key"], side="left")
+                hi = np.searchsorted(idx["key"], ours["key"], side="right")
+                m = hi > lo
+                if not m.any():
+                    continue
+                counts = (hi - lo)[m]
+                a = np.repeat(ours["doc"][m].astype(np.int64), counts)
+                b = idx["doc"][np.repeat(lo[m], counts) + _ranges(counts)].astype(np.int64)
+                pairs = _unique_pairs(np.stack([a, b], axis=1))
+                jac = _jaccard(sigs, theirs, pairs)
+                for (d, o), j in zip(pairs.tolist(), jac.tolist(), strict=True):
+                    if j >= self.cfg.threshold and (j > best[d] or (j == best[d] and o < who[d])):
+                        best[d], who[d] = j, o
+        finally:
+            theirs.close()
+        return who >= 0, who
+
+    def _clusters(self, sigs: _SigFile, alive: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Each document's cluster keeper (its lowest-ranked member); a document alone keeps itself."""
+        n = len(alive)
+        edges = []
+        for path in self.parts:
+            rec = _Partitions.read(path)
+            rec = rec[alive[rec["doc"]]]
+            edges.append(_unique_pairs(_bucket_pairs(rec, rank)))
+        pairs = _unique_pairs(np.concatenate(edges)) if edges else np.empty((0, 2), np.int64)
+        parent = np.arange(n)
+        if len(pairs):
+            jac = _jaccard(sigs, sigs, pairs)
+            for a, b in pairs[jac >= self.cfg.threshold].tolist():
+                ra, rb = _find(parent, a), _find(parent, b)
+                if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
+                    if rank[ra] < rank[rb]:
+                        parent[rb] = ra
+                    else:
+                        parent[ra] = rb
+        return np.array([_find(parent, x) for x in range(n)], dtype=np.int64) if n else parent
+
+    # pass 2 ----------------------------------------------------------------------------------------------
+    def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
+        """The source's kept documents, whole; the index and the sample are written when the last one is out."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            chash, rawhash, nbytes = self._spool(frags)
+            keep, rank = self._decide(chash, rawhash)
+            s = self.stats
+            s.documents, s.bytes = len(keep), int(nbytes.sum())
+            s.kept, s.bytes_kept = int(keep.sum()), int(nbytes[keep].sum())
+            dropped = np.flatnonzero(~keep)
+            sample = dropped[np.argsort(rank[dropped], kind="stable")[:SAMPLES]]
+            want = set(sample.tolist()) | {int(self.keeper[d]) for d in sample if self.reason[d] in (1, 2)}
+            excerpts: dict[int, str] = {}
+            kept_ids = np.flatnonzero(keep)
+            index_of = np.full(len(keep), -1, dtype=np.int64)  # kept documents numbered in rank order
+            index_of[kept_ids[np.argsort(rank[kept_ids], kind="stable")]] = np.arange(len(kept_ids))
+            exc = np.zeros(len(kept_ids), dtype=f"S{EXCERPT * 4}")
+            for i, text in enumerate(self._read_spool()):
+                if i in want:
+                    excerpts[i] = text[:EXCERPT]
+                if keep[i]:
+                    exc[index_of[i]] = text[:EXCERPT].encode("utf-8")
+                    yield text, True
+            self._write_index(keep, index_of, chash, exc, sample, excerpts, rank)
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _read_spool(self) -> Iterator[str]:
+        with open(self.work / "spool.bin", "rb") as f:
+            while head := f.read(8):
+                yield f.read(int.from_bytes(head, "little")).decode("utf-8")
+
+    # the index -------------------------------------------------------------------------------------------
+    def _write_index(
+        self,
+        keep: np.ndarray,
+        index_of: np.ndarray,
+        chash: np.ndarray,
+        exc: np.ndarray,
+        sample: np.ndarray,
+        excerpts: dict[int, str],
+        rank: np.ndarray,
+    ) -> None:
+        """The kept documents' keys (sorted per partition), signatures, hashes and excerpts, in rank order, and
+        the sample of dropped documents; built in the scratch folder, then renamed into place."""
+        tmp = self.work / "index"
+        (tmp / "keys").mkdir(parents=True)
+        for p, path in enumerate(self.parts):
+            rec = _Partitions.read(path)
+            rec = rec[keep[rec["doc"]]]
+            rec["doc"] = index_of[rec["doc"]]
+            rec = rec[np.lexsort((rec["doc"], rec["key"]))]
+            rec.tofile(tmp / "keys" / f"keys-{p:02d}.bin")
+        kept_ids = np.flatnonzero(keep)
+        in_rank = kept_ids[np.argsort(index_of[kept_ids])]
+        src = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
+        try:
+            with open(tmp / "sigs.u32", "wb") as f:
+                for s in range(0, len(in_rank), _PAIR_CHUNK):
+                    f.write(src.rows(in_rank[s : s + _PAIR_CHUNK]).tobytes())
+            lines = [self._sample_line(int(d), chash, excerpts, src) for d in sample]
+        finally:
+            src.close()
+        chash[in_rank].tofile(tmp / "chash.u64")
+        exc.tofile(tmp / "excerpts.bin")
+        (tmp / "dropped.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        meta = {"fingerprint": self.job.fingerprint, "documents": len(in_rank), "excerpt_bytes": exc.itemsize}
+        (tmp / "meta.json").write_text(json.dumps({**meta, **asdict(self.cfg)}))
+        final = self.job.index
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.stats.samples = str(final.relative_to(self.data_dir) / "dropped.jsonl")
+
+    def _sample_line(self, d: int, chash: np.ndarray, excerpts: dict[int, str], sigs: _SigFile) -> dict[str, Any]:
+        """One dropped document: its excerpt and hash, the kept document it duplicates, their estimated Jaccard."""
+        r, k = int(self.reason[d]), int(self.keeper[d])
+        line: dict[str, Any] = {"excerpt": excerpts.get(d, ""), "hash": f"{int(chash[d]):016x}"}
+        if r in (1, 2):
+            jac = 1.0 if r == 1 else float(_jaccard(sigs, sigs, np.array([[d, k]]))[0])
+            line.update(reason="exact" if r == 1 else "fuzzy", jaccard=jac)
+            line["kept"] = {"source": self.name, "excerpt": excerpts.get(k, ""), "hash": f"{int(chash[k]):016x}"}
+        else:
+            other, folder, _ = self.job.against[r - 3]
+            theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
+            try:
+                jac = float((sigs.rows(np.array([d])) == theirs.rows(np.array([k]))).mean())
+            finally:
+                theirs.close()
+            meta = read_meta(folder) or {}
+            width = int(meta.get("excerpt_bytes", EXCERPT * 4))
+            with open(folder / "excerpts.bin", "rb") as f:
+                f.seek(k * width)
+                text = f.read(width).rstrip(b"\0").decode("utf-8", errors="replace")
+            their = np.fromfile(folder / "chash.u64", dtype=np.uint64, count=1, offset=k * 8)
+            line.update(reason=f"against:{other}", jaccard=jac)
+            line["kept"] = {"source": other, "excerpt": text, "hash": f"{int(their[0]):016x}"}
+        return line
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each c in counts, concatenated."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
