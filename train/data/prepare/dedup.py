@@ -56,6 +56,8 @@ _RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 EXCERPT = 160
 """Characters of a document kept as its excerpt in the index and the sample of dropped documents."""
+EXCERPT_BYTES = 256
+"""Bytes of each excerpt in the index's excerpts.bin (UTF-8, cut at a character, zero-padded)."""
 SAMPLES = 100
 """Dropped documents described in dropped.jsonl: those of lowest rank, so the sample is order-independent."""
 INDEX_SUFFIX = ".dedup"
@@ -386,18 +388,19 @@ class Deduplicator:
         dropped document went and which document it duplicates."""
         n = len(chash)
         order = np.lexsort((rawhash, chash))
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
+        rank = np.empty(n, dtype=np.int32)  # a few numbers per document stay in memory: keep them small
+        rank[order] = np.arange(n, dtype=np.int32)
         # exact groups: the representative is the lowest-ranked document of each normalized text
         sorted_h = chash[order]
         start = np.concatenate([[True], sorted_h[1:] != sorted_h[:-1]]) if n else np.empty(0, bool)
         rep_sorted = order[np.maximum.accumulate(np.where(start, np.arange(n), 0))] if n else order
-        rep = np.empty(n, dtype=np.int64)
+        rep = np.empty(n, dtype=np.int32)
         rep[order] = rep_sorted
+        del order, sorted_h, start, rep_sorted
         is_rep = rep == np.arange(n)
         keep = np.ones(n, dtype=bool)
         reason = np.zeros(n, dtype=np.int8)  # 0 kept, 1 exact, 2 fuzzy, 3 + k against the k-th source
-        keeper = np.full(n, -1, dtype=np.int64)
+        keeper = np.full(n, -1, dtype=np.int32)
         sigs = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
         try:
             for k, (other, folder, fingerprint) in enumerate(self.job.against):
@@ -437,7 +440,7 @@ class Deduplicator:
             )
         theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
         best = np.zeros(n, dtype=np.float64)
-        who = np.full(n, -1, dtype=np.int64)
+        who = np.full(n, -1, dtype=np.int32)
         try:
             for p, path in enumerate(self.parts):
                 ours = _Partitions.read(path)
@@ -455,8 +458,11 @@ class Deduplicator:
                 b = idx["doc"][np.repeat(lo[m], counts) + _ranges(counts)].astype(np.int64)
                 pairs = _unique_pairs(np.stack([a, b], axis=1))
                 jac = _jaccard(sigs, theirs, pairs)
-                for (d, o), j in zip(pairs.tolist(), jac.tolist(), strict=True):
-                    if j >= self.cfg.threshold and (j > best[d] or (j == best[d] and o < who[d])):
+                ok = jac >= self.cfg.threshold
+                pairs, jac = pairs[ok], jac[ok]
+                # per document, its most similar kept document there (the lowest-ranked among equals)
+                for d, o, j in zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), jac.tolist(), strict=True):
+                    if j > best[d] or (j == best[d] and o < who[d]):
                         best[d], who[d] = j, o
         finally:
             theirs.close()
@@ -471,7 +477,7 @@ class Deduplicator:
             rec = rec[alive[rec["doc"]]]
             edges.append(_unique_pairs(_bucket_pairs(rec, rank)))
         pairs = _unique_pairs(np.concatenate(edges)) if edges else np.empty((0, 2), np.int64)
-        parent = np.arange(n)
+        parent = np.arange(n, dtype=np.int32)
         if len(pairs):
             jac = _jaccard(sigs, sigs, pairs)
             for a, b in pairs[jac >= self.cfg.threshold].tolist():
@@ -481,7 +487,11 @@ class Deduplicator:
                         parent[rb] = ra
                     else:
                         parent[ra] = rb
-        return np.array([_find(parent, x) for x in range(n)], dtype=np.int64) if n else parent
+        while True:  # every document's root, by pointer jumping
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                return parent
+            parent = up
 
     # pass 2 ----------------------------------------------------------------------------------------------
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
@@ -498,16 +508,20 @@ class Deduplicator:
             want = set(sample.tolist()) | {int(self.keeper[d]) for d in sample if self.reason[d] in (1, 2)}
             excerpts: dict[int, str] = {}
             kept_ids = np.flatnonzero(keep)
-            index_of = np.full(len(keep), -1, dtype=np.int64)  # kept documents numbered in rank order
+            index_of = np.full(len(keep), -1, dtype=np.int32)  # kept documents numbered in rank order
             index_of[kept_ids[np.argsort(rank[kept_ids], kind="stable")]] = np.arange(len(kept_ids))
-            exc = np.zeros(len(kept_ids), dtype=f"S{EXCERPT * 4}")
-            for i, text in enumerate(self._read_spool()):
-                if i in want:
-                    excerpts[i] = text[:EXCERPT]
-                if keep[i]:
-                    exc[index_of[i]] = text[:EXCERPT].encode("utf-8")
-                    yield text, True
-            self._write_index(keep, index_of, chash, exc, sample, excerpts, rank)
+            del kept_ids
+            (self.work / "index").mkdir()
+            with open(self.work / "index" / "excerpts.bin", "wb") as exc:
+                exc.truncate(int(keep.sum()) * EXCERPT_BYTES)
+                for i, text in enumerate(self._read_spool()):
+                    if i in want:
+                        excerpts[i] = text[:EXCERPT]
+                    if keep[i]:
+                        exc.seek(int(index_of[i]) * EXCERPT_BYTES)
+                        exc.write(text[:EXCERPT].encode("utf-8")[:EXCERPT_BYTES])
+                        yield text, True
+            self._write_index(keep, index_of, chash, sample, excerpts)
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -522,15 +536,13 @@ class Deduplicator:
         keep: np.ndarray,
         index_of: np.ndarray,
         chash: np.ndarray,
-        exc: np.ndarray,
         sample: np.ndarray,
         excerpts: dict[int, str],
-        rank: np.ndarray,
     ) -> None:
         """The kept documents' keys (sorted per partition), signatures, hashes and excerpts, in rank order, and
         the sample of dropped documents; built in the scratch folder, then renamed into place."""
         tmp = self.work / "index"
-        (tmp / "keys").mkdir(parents=True)
+        (tmp / "keys").mkdir()
         for p, path in enumerate(self.parts):
             rec = _Partitions.read(path)
             rec = rec[keep[rec["doc"]]]
@@ -548,9 +560,8 @@ class Deduplicator:
         finally:
             src.close()
         chash[in_rank].tofile(tmp / "chash.u64")
-        exc.tofile(tmp / "excerpts.bin")
         (tmp / "dropped.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-        meta = {"fingerprint": self.job.fingerprint, "documents": len(in_rank), "excerpt_bytes": exc.itemsize}
+        meta = {"fingerprint": self.job.fingerprint, "documents": len(in_rank), "excerpt_bytes": EXCERPT_BYTES}
         (tmp / "meta.json").write_text(json.dumps({**meta, **asdict(self.cfg)}))
         final = self.job.index
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -577,10 +588,10 @@ class Deduplicator:
             finally:
                 theirs.close()
             meta = read_meta(folder) or {}
-            width = int(meta.get("excerpt_bytes", EXCERPT * 4))
+            width = int(meta.get("excerpt_bytes", EXCERPT_BYTES))
             with open(folder / "excerpts.bin", "rb") as f:
                 f.seek(k * width)
-                text = f.read(width).rstrip(b"\0").decode("utf-8", errors="replace")
+                text = f.read(width).rstrip(b"\0").decode("utf-8", errors="ignore")
             their = np.fromfile(folder / "chash.u64", dtype=np.uint64, count=1, offset=k * 8)
             line.update(reason=f"against:{other}", jaccard=jac)
             line["kept"] = {"source": other, "excerpt": text, "hash": f"{int(their[0]):016x}"}
