@@ -73,21 +73,28 @@ def test_planted_copies_are_removed_leaving_one_of_each(pool: list[str], tmp_pat
 def test_exact_copies_differ_only_in_whitespace_and_are_counted_apart(pool: list[str], tmp_path: Path) -> None:
     docs = [d.text for d in Planted(pool, seed=4).docs(60, copy_rate=0)]
     spaced = ["  " + d.replace(" ", "\n \t", 3) + "\n" for d in docs[:10]]  # the same text once normalized
-    recased = [docs[10].upper()]  # not the same text: only the fuzzy step (lowercased words) sees it
-    kept, step = run_step(docs + spaced + recased, tmp_path)
-    assert len(kept) == 60 and {normalize(t).lower() for t in kept} == {normalize(t).lower() for t in docs}
-    assert (step.stats.dropped_exact, step.stats.dropped_fuzzy) == (10, 1)
+    recased = [docs[10].upper()]  # the same words too
+    near = [docs[11].replace(" ", " and ", 1)]  # one word more: a fuzzy copy
+    inputs = docs + spaced + recased + near
+    kept, step = run_step(inputs, tmp_path)
+    assert len(kept) == 60 and {normalize(t) for t in kept} == {normalize(t) for t in docs}
+    assert (step.stats.dropped_exact, step.stats.dropped_fuzzy) == (11, 1)
     lines = [json.loads(x) for x in (tmp_path / "index" / "dropped.jsonl").read_text().splitlines()]
-    assert len(lines) == 11 and Counter(x["reason"] for x in lines) == {"exact": 10, "fuzzy": 1}
+    assert len(lines) == 12 and Counter(x["reason"] for x in lines) == {"exact": 11, "fuzzy": 1}
     for x in lines:  # each names the kept document it duplicates, by hash and excerpt
-        assert x["jaccard"] >= 0.5 and x["kept"]["source"] == "src" and x["kept"]["hash"] != ""
+        assert x["jaccard"] >= 0.5 and x["kept"]["source"] == "src"
+        assert (x["kept"]["hash"] == x["hash"]) == (x["reason"] == "exact")  # the hash of the normalized text
         kept_doc = next(t for t in kept if t.startswith(x["kept"]["excerpt"]))
-        assert normalize(kept_doc).lower().split()[:5] == normalize(x["excerpt"]).lower().split()[:5]
+        dropped = next(t for t in inputs if t.startswith(x["excerpt"]) and t not in kept)
+        if x["reason"] == "exact":
+            assert normalize(dropped) == normalize(kept_doc) and x["jaccard"] == 1.0
+        else:
+            assert {dropped, kept_doc} == {docs[11], near[0]} and x["jaccard"] < 1.0
 
 
 def test_the_kept_documents_do_not_depend_on_their_order(pool: list[str], tmp_path: Path) -> None:
     docs = [d.text for d in Planted(pool, seed=5).docs(300, copy_rate=0.5)]
-    docs += [docs[0], docs[1] + " "]  # exact copies too, whose raw texts differ
+    docs += [docs[0] + "\n", " " + docs[1]]  # exact copies too, whose raw texts differ
     kept, _ = run_step(docs, tmp_path / "a")
     shuffled = docs[:]
     random.Random(1).shuffle(shuffled)

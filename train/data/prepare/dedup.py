@@ -1,9 +1,10 @@
 """Deduplication as a prepare step (GPT-3 Appendix A): exact and fuzzy (MinHash LSH) duplicate documents
 are removed from a source before it is tokenized, within the source and against earlier-ranked sources.
 
-Exact: two documents are the same when their text is identical once every run of whitespace is one
-space and the ends are stripped. Fuzzy: a document is the set of its shingles, runs of `shingle` words
-of that text lowercased and split on whitespace (a document with fewer words is one shingle); `num_hashes`
+A document's words are its text lowercased and split on whitespace (as Spark's Tokenizer, which the paper
+used, does). Exact: two documents are the same when their words are, that is when their texts are equal once
+lowercased, with every run of whitespace one space and the ends stripped. Fuzzy: a document is the set of its
+shingles, runs of `shingle` words (a document with fewer words is one shingle); `num_hashes`
 MinHash values (rensa's Rust kernel, chosen by bench/dedup.py) are cut into `bands` bands, and documents
 sharing a band are candidates. A candidate pair is a duplicate when its estimated Jaccard similarity (the
 fraction of equal MinHash values) is at least `threshold`.
@@ -186,9 +187,24 @@ def _h64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def _sequence_hash(word_hashes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per document, a 64-bit hash of its word sequence (so of normalize(text)): each word's hash mixed with
+    its position, summed, then mixed with the length. Computed from the word hashes, it costs no second pass
+    over the text."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    pos = np.arange(len(word_hashes), dtype=np.uint64) - np.repeat(starts, lengths).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        vals = mix64(word_hashes ^ mix64(pos + _GOLDEN))
+        sums = np.zeros(len(lengths), dtype=np.uint64)
+        some = lengths > 0
+        if some.any():
+            sums[some] = np.add.reduceat(vals, starts[some])
+        return mix64(sums ^ mix64(lengths.astype(np.uint64)))
+
+
 def normalize(text: str) -> str:
-    """The text exact dedup compares: every run of whitespace one space, the ends stripped."""
-    return " ".join(text.split())
+    """The text exact dedup compares: lowercased, every run of whitespace one space, the ends stripped."""
+    return " ".join(text.lower().split())
 
 
 @dataclass
@@ -202,21 +218,22 @@ class Signatures:
     """(documents, num_hashes) uint32."""
     keys: np.ndarray
     """(documents, bands) uint64: a band's key mixes its index with its hashes, so bands never collide."""
+    raw: list[bytes]
+    """The documents in UTF-8."""
 
 
 def signatures(docs: Sequence[str], cfg: DedupConfig) -> Signatures:
     """Hash a batch of documents (see the module docstring for the shingles)."""
     import rensa  # here, not at the top: loading a config needs no Rust extension
 
-    norm = [normalize(d) for d in docs]
+    words = [d.lower().split() for d in docs]  # one split per document: it is most of the step's time
     raw = [d.encode("utf-8") for d in docs]
-    chash = np.array([_h64(n.encode("utf-8")) for n in norm], dtype=np.uint64)
     rawhash = np.array([_h64(r) for r in raw], dtype=np.uint64)
-    words = [n.lower().split() for n in norm]
     lengths = np.array([len(w) for w in words], dtype=np.int64)
     word_hashes = np.fromiter(
         itertools.chain.from_iterable(rensa.RMinHash.hash_token_sets(words)), dtype=np.uint64, count=int(lengths.sum())
     )
+    chash = _sequence_hash(word_hashes, lengths)
     n = cfg.shingle
     counts = np.maximum(lengths - n + 1, 0)
     grams = gram_hashes(word_hashes, n, lengths)  # only runs inside one document, in document order
@@ -236,7 +253,7 @@ def signatures(docs: Sequence[str], cfg: DedupConfig) -> Signatures:
         acc = np.broadcast_to(mix64(np.arange(cfg.bands, dtype=np.uint64) + _GOLDEN), bands.shape[:2]).copy()
         for j in range(rows):
             acc = mix64(acc ^ (bands[:, :, j] + _GOLDEN))
-    return Signatures(chash, rawhash, np.array([len(r) for r in raw], dtype=np.int64), sig, acc)
+    return Signatures(chash, rawhash, np.array([len(r) for r in raw], dtype=np.int64), sig, acc, raw)
 
 
 class _Partitions:
@@ -351,10 +368,7 @@ class Deduplicator:
                 if not batch:
                     return
                 s = signatures(batch, self.cfg)
-                for d in batch:
-                    data = d.encode("utf-8")
-                    spool.write(len(data).to_bytes(8, "little"))
-                    spool.write(data)
+                spool.write(b"".join(part for data in s.raw for part in (len(data).to_bytes(8, "little"), data)))
                 sigs.write(s.sig.tobytes())
                 parts.add(s.keys, np.arange(n, n + len(batch), dtype=np.uint32))
                 chash.append(s.chash)
