@@ -17,8 +17,8 @@ document that matches a kept document of an earlier source in `against` is dropp
 are its exact copies.
 
 Memory stays bounded: a first pass spools the documents to the scratch folder and writes each one's
-signature and band keys there, the keys partitioned by their top bits into PARTITIONS files handled one
-at a time; in memory stay only a few numbers per document. The second pass reads the spool back and
+signature and band keys there, the keys partitioned by their top bits into KEY_PARTITIONS files handled one
+at a time, and its hashes likewise; in memory stay 10 bytes per document. The second pass reads the spool back and
 yields the documents kept. A deduplicated source's index (its kept documents' band keys, signatures,
 hashes and excerpts) is then written, as a folder renamed into place, to data.dir/curation/<source>.dedup,
 where a later source deduplicated against it reads it; its fingerprint is part of that source's settings.
@@ -48,12 +48,14 @@ VERSION = 1
 """Part of a source's settings: bump when the step keeps other documents of the same input."""
 SEED = 1234
 """MinHash seed: fixed, so that indexes of different sources are comparable."""
-PARTITIONS = 64
-"""Band-key files: each holds about 1/64 of a source's keys, so one in memory stays small."""
-_PART_SHIFT = np.uint64(64 - 6)
+KEY_PARTITIONS = 256
+"""Band-key files: each holds 1/256 of a source's keys (12 bytes a key), so one in memory stays small."""
+DOC_PARTITIONS = 16
+"""Files of (normalized-text hash, raw-text hash, document) records, by the hash's top bits."""
 _BATCH_CHARS = 1 << 20
 """Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
 _RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
+_DOC = np.dtype([("chash", "<u8"), ("raw", "<u4"), ("doc", "<u4")])
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 EXCERPT = 160
 """Characters of a document kept as its excerpt in the index and the sample of dropped documents."""
@@ -257,32 +259,32 @@ def signatures(docs: Sequence[str], cfg: DedupConfig) -> Signatures:
 
 
 class _Partitions:
-    """Band-key records (key, document) appended to PARTITIONS files by the key's top bits."""
+    """Records appended to `count` files by the top bits of one 64-bit field, so that each file holds a
+    fraction of a source's records and is read alone."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, prefix: str, count: int, field_: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.paths = [folder / f"keys-{p:02d}.bin" for p in range(PARTITIONS)]
+        self.paths = [folder / f"{prefix}-{p:03d}.bin" for p in range(count)]
         self.files = [open(p, "wb") for p in self.paths]
+        self.shift = np.uint64(64 - (count.bit_length() - 1))
+        self.field = field_
 
-    def add(self, keys: np.ndarray, docs: np.ndarray) -> None:
-        rec = np.empty(keys.size, dtype=_RECORD)
-        rec["key"] = keys.ravel()
-        rec["doc"] = np.repeat(docs, keys.shape[1])
-        part = (rec["key"] >> _PART_SHIFT).astype(np.int64)
+    def add(self, rec: np.ndarray) -> None:
+        part = (rec[self.field] >> self.shift).astype(np.int64)
         order = np.argsort(part, kind="stable")
         rec, part = rec[order], part[order]
-        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1))
-        for p in range(PARTITIONS):
+        bounds = np.searchsorted(part, np.arange(len(self.files) + 1))
+        for p, f in enumerate(self.files):
             if bounds[p + 1] > bounds[p]:
-                self.files[p].write(rec[bounds[p] : bounds[p + 1]].tobytes())
+                f.write(rec[bounds[p] : bounds[p + 1]].tobytes())
 
     def close(self) -> None:
         for f in self.files:
             f.close()
 
-    @staticmethod
-    def read(path: Path) -> np.ndarray:
-        return np.fromfile(path, dtype=_RECORD)
+
+def _read(path: Path, dtype: np.dtype) -> np.ndarray:
+    return np.fromfile(path, dtype=dtype)
 
 
 class _SigFile:
@@ -347,7 +349,10 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 class Deduplicator:
-    """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival."""
+    """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival.
+
+    In memory stay four arrays of one document each (rank, link, keep, reason: 10 bytes a document); the
+    rest is read from the scratch folder a partition at a time."""
 
     def __init__(self, job: DedupJob, name: str, work: Path, data_dir: Path) -> None:
         self.job, self.cfg, self.name = job, job.cfg, name
@@ -355,11 +360,11 @@ class Deduplicator:
         self.stats = DedupStats()
 
     # pass 1 ----------------------------------------------------------------------------------------------
-    def _spool(self, frags: Iterator[Fragment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Write every document to the spool, its signature to sigs.u32 and its band keys to the partitions;
-        return each document's normalized-text hash, raw-text hash and UTF-8 size."""
-        parts = _Partitions(self.work / "keys")
-        chash, rawhash, nbytes = [], [], []
+    def _spool(self, frags: Iterator[Fragment]) -> int:
+        """Write every document to the spool, its signature to sigs.u32, its band keys to the key partitions
+        and its hashes to the document partitions; return the number of documents."""
+        keys = _Partitions(self.work / "keys", "keys", KEY_PARTITIONS, "key")
+        docs = _Partitions(self.work / "docs", "docs", DOC_PARTITIONS, "chash")
         n = 0
         with open(self.work / "spool.bin", "wb") as spool, open(self.work / "sigs.u32", "wb") as sigs:
 
@@ -370,10 +375,14 @@ class Deduplicator:
                 s = signatures(batch, self.cfg)
                 spool.write(b"".join(part for data in s.raw for part in (len(data).to_bytes(8, "little"), data)))
                 sigs.write(s.sig.tobytes())
-                parts.add(s.keys, np.arange(n, n + len(batch), dtype=np.uint32))
-                chash.append(s.chash)
-                rawhash.append(s.rawhash)
-                nbytes.append(s.nbytes)
+                ids = np.arange(n, n + len(batch), dtype=np.uint32)
+                rec = np.empty(s.keys.size, dtype=_RECORD)
+                rec["key"], rec["doc"] = s.keys.ravel(), np.repeat(ids, s.keys.shape[1])
+                keys.add(rec)
+                doc = np.empty(len(batch), dtype=_DOC)
+                doc["chash"], doc["raw"], doc["doc"] = s.chash, s.rawhash.astype(np.uint32), ids
+                docs.add(doc)
+                self.stats.bytes += int(s.nbytes.sum())
                 n += len(batch)
 
             pieces: list[str] = []
@@ -391,61 +400,68 @@ class Deduplicator:
             if pieces:
                 batch.append("".join(pieces))
             flush(batch)
-        parts.close()
-        self.parts = parts.paths
-        cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dtype=dt)  # noqa: E731
-        return cat(chash, np.uint64), cat(rawhash, np.uint64), cat(nbytes, np.int64)
+        keys.close()
+        docs.close()
+        self.keys, self.docs = keys.paths, docs.paths
+        self.stats.documents = n
+        return n
 
     # decisions -------------------------------------------------------------------------------------------
-    def _decide(self, chash: np.ndarray, rawhash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """keep (bool per document) and each document's rank; self.reason and self.keeper say why each
-        dropped document went and which document it duplicates."""
-        n = len(chash)
-        order = np.lexsort((rawhash, chash))
-        rank = np.empty(n, dtype=np.int32)  # a few numbers per document stay in memory: keep them small
-        rank[order] = np.arange(n, dtype=np.int32)
-        # exact groups: the representative is the lowest-ranked document of each normalized text
-        sorted_h = chash[order]
-        start = np.concatenate([[True], sorted_h[1:] != sorted_h[:-1]]) if n else np.empty(0, bool)
-        rep_sorted = order[np.maximum.accumulate(np.where(start, np.arange(n), 0))] if n else order
-        rep = np.empty(n, dtype=np.int32)
-        rep[order] = rep_sorted
-        del order, sorted_h, start, rep_sorted
-        is_rep = rep == np.arange(n)
-        keep = np.ones(n, dtype=bool)
-        reason = np.zeros(n, dtype=np.int8)  # 0 kept, 1 exact, 2 fuzzy, 3 + k against the k-th source
-        keeper = np.full(n, -1, dtype=np.int32)
+    def _rank(self, n: int) -> None:
+        """self.rank: each document's place in (normalized-text hash, raw-text hash) order; self.link: the
+        lowest-ranked document with the same words (itself for the representative of its exact group). The
+        document partitions are rewritten sorted, so reading them in turn is reading in rank order."""
+        self.rank = np.empty(n, dtype=np.int32)  # 10 bytes a document stay in memory, no more
+        self.link = np.empty(n, dtype=np.int32)
+        offset = 0
+        for path in self.docs:  # partitions by the hash's top bits: partition order is hash order
+            rec = _read(path, _DOC)
+            rec = rec[np.lexsort((rec["raw"], rec["chash"]))]
+            docs = rec["doc"].astype(np.int64)
+            self.rank[docs] = np.arange(offset, offset + len(rec), dtype=np.int32)
+            start = np.concatenate([[True], rec["chash"][1:] != rec["chash"][:-1]]) if len(rec) else np.empty(0, bool)
+            self.link[docs] = docs[np.maximum.accumulate(np.where(start, np.arange(len(rec)), 0))]
+            offset += len(rec)
+            rec.tofile(path)
+
+    def _decide(self, n: int) -> None:
+        """self.keep and self.reason (0 kept, 1 exact, 2 fuzzy, 3 + k against the k-th source); self.link
+        becomes, for a dropped document, the one it duplicates (in this source, or in the other's index)."""
+        self._rank(n)
+        is_rep = self.link == np.arange(n, dtype=np.int32)
+        self.keep = np.ones(n, dtype=bool)
+        self.reason = np.zeros(n, dtype=np.int8)
         sigs = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
         try:
             for k, (other, folder, fingerprint) in enumerate(self.job.against):
-                hit, who = self._against(folder, fingerprint, other, sigs, is_rep & keep, n)
-                dropped = hit[rep]  # the whole exact group goes with its representative
-                newly = dropped & keep
-                keep[newly] = False
-                reason[newly] = 3 + k
-                keeper[newly] = who[rep[newly]]
-                self.stats.dropped_against[other] = int(newly.sum())
+                hit, who = self._against(folder, fingerprint, other, sigs, is_rep & self.keep)
+                matched = np.zeros(n, dtype=bool)
+                matched[hit] = True
+                dropped = np.flatnonzero(matched[self.link] & self.keep)  # the whole exact group goes
+                self.link[dropped] = who[np.searchsorted(hit, self.link[dropped])]
+                self.keep[dropped] = False
+                self.reason[dropped] = 3 + k
+                self.stats.dropped_against[other] = len(dropped)
+                del matched
             if self.cfg.within:
-                exact = keep & ~is_rep & keep[rep]
-                keep[exact] = False
-                reason[exact] = 1
-                keeper[exact] = rep[exact]
+                exact = self.keep & ~is_rep
+                self.keep[exact] = False
+                self.reason[exact] = 1
                 self.stats.dropped_exact = int(exact.sum())
-                fuzzy_keeper = self._clusters(sigs, keep & is_rep, rank)
-                fuzzy = keep & (fuzzy_keeper != np.arange(n))
-                keep[fuzzy] = False
-                reason[fuzzy] = 2
-                keeper[fuzzy] = fuzzy_keeper[fuzzy]
-                self.stats.dropped_fuzzy = int(fuzzy.sum())
+                del exact
+                docs, roots = self._clusters(sigs, self.keep & is_rep)
+                self.keep[docs] = False
+                self.reason[docs] = 2
+                self.link[docs] = roots
+                self.stats.dropped_fuzzy = len(docs)
         finally:
             sigs.close()
-        self.reason, self.keeper = reason, keeper
-        return keep, rank
 
     def _against(
-        self, folder: Path, fingerprint: str, other: str, sigs: _SigFile, alive: np.ndarray, n: int
+        self, folder: Path, fingerprint: str, other: str, sigs: _SigFile, alive: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Which documents duplicate a kept document of the other source's index, and which one (its number)."""
+        """The documents (sorted) that duplicate a kept document of the other source's index, and for each
+        the one it is most like there (the lowest-numbered, so lowest-ranked, among equals)."""
         meta = read_meta(folder)
         if meta is None or meta.get("fingerprint") != fingerprint:
             raise UserError(
@@ -453,13 +469,12 @@ class Deduplicator:
                 f"out of date; re-run `scalegpt prepare` to rebuild it"
             )
         theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
-        best = np.zeros(n, dtype=np.float64)
-        who = np.full(n, -1, dtype=np.int32)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
         try:
-            for p, path in enumerate(self.parts):
-                ours = _Partitions.read(path)
+            for path in self.keys:
+                ours = _read(path, _RECORD)
                 ours = ours[alive[ours["doc"]]]
-                idx = _Partitions.read(folder / "keys" / f"keys-{p:02d}.bin")  # sorted by (key, doc)
+                idx = _read(folder / "keys" / path.name, _RECORD)  # sorted by (key, doc)
                 if not len(ours) or not len(idx):
                     continue
                 lo = np.searchsorted(idx["key"], ours["key"], side="left")
@@ -473,109 +488,131 @@ class Deduplicator:
                 pairs = _unique_pairs(np.stack([a, b], axis=1))
                 jac = _jaccard(sigs, theirs, pairs)
                 ok = jac >= self.cfg.threshold
-                pairs, jac = pairs[ok], jac[ok]
-                # per document, its most similar kept document there (the lowest-ranked among equals)
-                for d, o, j in zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), jac.tolist(), strict=True):
-                    if j > best[d] or (j == best[d] and o < who[d]):
-                        best[d], who[d] = j, o
+                found.append((pairs[ok], jac[ok]))
         finally:
             theirs.close()
-        return who >= 0, who
+        if not found:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        pairs = np.concatenate([f[0] for f in found])
+        jac = np.concatenate([f[1] for f in found])
+        order = np.lexsort((pairs[:, 1], -jac, pairs[:, 0]))  # per document: most similar, then lowest number
+        pairs = pairs[order]
+        first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]) if len(pairs) else np.empty(0, bool)
+        return pairs[first, 0], pairs[first, 1]
 
-    def _clusters(self, sigs: _SigFile, alive: np.ndarray, rank: np.ndarray) -> np.ndarray:
-        """Each document's cluster keeper (its lowest-ranked member); a document alone keeps itself."""
-        n = len(alive)
+    def _clusters(self, sigs: _SigFile, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The documents in a cluster whose keeper (its lowest-ranked member) is another, and that keeper. The
+        union-find runs over the documents of verified pairs only, numbered compactly."""
         edges = []
-        for path in self.parts:
-            rec = _Partitions.read(path)
-            rec = rec[alive[rec["doc"]]]
-            edges.append(_unique_pairs(_bucket_pairs(rec, rank)))
+        for path in self.keys:
+            rec = _read(path, _RECORD)
+            edges.append(_unique_pairs(_bucket_pairs(rec[alive[rec["doc"]]], self.rank)))
         pairs = _unique_pairs(np.concatenate(edges)) if edges else np.empty((0, 2), np.int64)
-        parent = np.arange(n, dtype=np.int32)
-        if len(pairs):
-            jac = _jaccard(sigs, sigs, pairs)
-            for a, b in pairs[jac >= self.cfg.threshold].tolist():
-                ra, rb = _find(parent, a), _find(parent, b)
-                if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
-                    if rank[ra] < rank[rb]:
-                        parent[rb] = ra
-                    else:
-                        parent[ra] = rb
-        while True:  # every document's root, by pointer jumping
+        del edges
+        pairs = pairs[_jaccard(sigs, sigs, pairs) >= self.cfg.threshold] if len(pairs) else pairs
+        if not len(pairs):
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        nodes, inv = np.unique(pairs.ravel(), return_inverse=True)
+        rank = self.rank[nodes]
+        parent = np.arange(len(nodes))
+        for a, b in inv.reshape(-1, 2).tolist():
+            ra, rb = _find(parent, a), _find(parent, b)
+            if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
+                if rank[ra] < rank[rb]:
+                    parent[rb] = ra
+                else:
+                    parent[ra] = rb
+        while True:  # every node's root, by pointer jumping
             up = parent[parent]
             if np.array_equal(up, parent):
-                return parent
+                break
             parent = up
+        moved = parent != np.arange(len(nodes))
+        return nodes[moved], nodes[parent[moved]]
 
     # pass 2 ----------------------------------------------------------------------------------------------
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
         """The source's kept documents, whole; the index and the sample are written when the last one is out."""
         self.work.mkdir(parents=True, exist_ok=True)
         try:
-            chash, rawhash, nbytes = self._spool(frags)
-            keep, rank = self._decide(chash, rawhash)
+            n = self._spool(frags)
+            self._decide(n)
             s = self.stats
-            s.documents, s.bytes = len(keep), int(nbytes.sum())
-            s.kept, s.bytes_kept = int(keep.sum()), int(nbytes[keep].sum())
-            dropped = np.flatnonzero(~keep)
-            sample = dropped[np.argsort(rank[dropped], kind="stable")[:SAMPLES]]
-            want = set(sample.tolist()) | {int(self.keeper[d]) for d in sample if self.reason[d] in (1, 2)}
+            s.kept = int(self.keep.sum())
+            sample = self._sample()
+            want = set(sample.tolist()) | {int(self.link[d]) for d in sample if self.reason[d] in (1, 2)}
+            index_of = self.rank  # no longer needed: it becomes the kept documents' numbers, in rank order
+            index_of[:] = -1
+            offset = 0
+            for path in self.docs:
+                docs = _read(path, _DOC)["doc"]
+                docs = docs[self.keep[docs]]
+                index_of[docs] = np.arange(offset, offset + len(docs), dtype=np.int32)
+                offset += len(docs)
             excerpts: dict[int, str] = {}
-            kept_ids = np.flatnonzero(keep)
-            index_of = np.full(len(keep), -1, dtype=np.int32)  # kept documents numbered in rank order
-            index_of[kept_ids[np.argsort(rank[kept_ids], kind="stable")]] = np.arange(len(kept_ids))
-            del kept_ids
             (self.work / "index").mkdir()
             with open(self.work / "index" / "excerpts.bin", "wb") as exc:
-                exc.truncate(int(keep.sum()) * EXCERPT_BYTES)
-                for i, text in enumerate(self._read_spool()):
+                exc.truncate(s.kept * EXCERPT_BYTES)
+                for i, (text, size) in enumerate(self._read_spool()):
                     if i in want:
                         excerpts[i] = text[:EXCERPT]
-                    if keep[i]:
+                    if self.keep[i]:
+                        s.bytes_kept += size
                         exc.seek(int(index_of[i]) * EXCERPT_BYTES)
                         exc.write(text[:EXCERPT].encode("utf-8")[:EXCERPT_BYTES])
                         yield text, True
-            self._write_index(keep, index_of, chash, sample, excerpts)
+            self._write_index(index_of, sample, excerpts)
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def _read_spool(self) -> Iterator[str]:
+    def _sample(self) -> np.ndarray:
+        """The SAMPLES dropped documents of lowest rank (the document partitions are in rank order)."""
+        out: list[np.ndarray] = []
+        left = SAMPLES
+        for path in self.docs:
+            if left <= 0:
+                break
+            docs = _read(path, _DOC)["doc"].astype(np.int64)
+            dropped = docs[~self.keep[docs]][:left]
+            out.append(dropped)
+            left -= len(dropped)
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def _read_spool(self) -> Iterator[tuple[str, int]]:
         with open(self.work / "spool.bin", "rb") as f:
             while head := f.read(8):
-                yield f.read(int.from_bytes(head, "little")).decode("utf-8")
+                size = int.from_bytes(head, "little")
+                yield f.read(size).decode("utf-8"), size
 
     # the index -------------------------------------------------------------------------------------------
-    def _write_index(
-        self,
-        keep: np.ndarray,
-        index_of: np.ndarray,
-        chash: np.ndarray,
-        sample: np.ndarray,
-        excerpts: dict[int, str],
-    ) -> None:
-        """The kept documents' keys (sorted per partition), signatures, hashes and excerpts, in rank order, and
-        the sample of dropped documents; built in the scratch folder, then renamed into place."""
+    def _write_index(self, index_of: np.ndarray, sample: np.ndarray, excerpts: dict[int, str]) -> None:
+        """The kept documents' keys (sorted per partition), signatures, hashes and excerpts, numbered in rank
+        order, and the sample of dropped documents; built in the scratch folder, then renamed into place."""
         tmp = self.work / "index"
         (tmp / "keys").mkdir()
-        for p, path in enumerate(self.parts):
-            rec = _Partitions.read(path)
-            rec = rec[keep[rec["doc"]]]
+        for path in self.keys:
+            rec = _read(path, _RECORD)
+            rec = rec[self.keep[rec["doc"]]]
             rec["doc"] = index_of[rec["doc"]]
-            rec = rec[np.lexsort((rec["doc"], rec["key"]))]
-            rec.tofile(tmp / "keys" / f"keys-{p:02d}.bin")
-        kept_ids = np.flatnonzero(keep)
-        in_rank = kept_ids[np.argsort(index_of[kept_ids])]
+            rec[np.lexsort((rec["doc"], rec["key"]))].tofile(tmp / "keys" / path.name)
+        chash: dict[int, int] = {}
+        want = np.array(sorted(set(sample.tolist()) | {int(self.link[d]) for d in sample}), dtype=np.int64)
         src = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
         try:
-            with open(tmp / "sigs.u32", "wb") as f:
-                for s in range(0, len(in_rank), _PAIR_CHUNK):
-                    f.write(src.rows(in_rank[s : s + _PAIR_CHUNK]).tobytes())
+            with open(tmp / "sigs.u32", "wb") as sigs, open(tmp / "chash.u64", "wb") as hashes:
+                for path in self.docs:  # in rank order, so in the index's numbering
+                    rec = _read(path, _DOC)
+                    hit = np.isin(rec["doc"], want)
+                    chash.update(zip(rec["doc"][hit].tolist(), rec["chash"][hit].tolist(), strict=True))
+                    rec = rec[self.keep[rec["doc"]]]
+                    hashes.write(rec["chash"].tobytes())
+                    for s in range(0, len(rec), _PAIR_CHUNK):
+                        sigs.write(src.rows(rec["doc"][s : s + _PAIR_CHUNK].astype(np.int64)).tobytes())
             lines = [self._sample_line(int(d), chash, excerpts, src) for d in sample]
         finally:
             src.close()
-        chash[in_rank].tofile(tmp / "chash.u64")
         (tmp / "dropped.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-        meta = {"fingerprint": self.job.fingerprint, "documents": len(in_rank), "excerpt_bytes": EXCERPT_BYTES}
+        meta = {"fingerprint": self.job.fingerprint, "documents": self.stats.kept, "excerpt_bytes": EXCERPT_BYTES}
         (tmp / "meta.json").write_text(json.dumps({**meta, **asdict(self.cfg)}))
         final = self.job.index
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -586,14 +623,14 @@ class Deduplicator:
         shutil.rmtree(old, ignore_errors=True)
         self.stats.samples = str(final.relative_to(self.data_dir) / "dropped.jsonl")
 
-    def _sample_line(self, d: int, chash: np.ndarray, excerpts: dict[int, str], sigs: _SigFile) -> dict[str, Any]:
+    def _sample_line(self, d: int, chash: dict[int, int], excerpts: dict[int, str], sigs: _SigFile) -> dict[str, Any]:
         """One dropped document: its excerpt and hash, the kept document it duplicates, their estimated Jaccard."""
-        r, k = int(self.reason[d]), int(self.keeper[d])
-        line: dict[str, Any] = {"excerpt": excerpts.get(d, ""), "hash": f"{int(chash[d]):016x}"}
+        r, k = int(self.reason[d]), int(self.link[d])
+        line: dict[str, Any] = {"excerpt": excerpts.get(d, ""), "hash": f"{chash[d]:016x}"}
         if r in (1, 2):
             jac = 1.0 if r == 1 else float(_jaccard(sigs, sigs, np.array([[d, k]]))[0])
             line.update(reason="exact" if r == 1 else "fuzzy", jaccard=jac)
-            line["kept"] = {"source": self.name, "excerpt": excerpts.get(k, ""), "hash": f"{int(chash[k]):016x}"}
+            line["kept"] = {"source": self.name, "excerpt": excerpts.get(k, ""), "hash": f"{chash[k]:016x}"}
         else:
             other, folder, _ = self.job.against[r - 3]
             theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
