@@ -332,11 +332,26 @@ def _bucket_pairs(rec: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return np.stack([docs[first[member]], docs[member]], axis=1)
 
 
-def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
-    if not len(pairs):
-        return pairs.reshape(0, 2)
-    packed = np.unique((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
+def _pack(pairs: np.ndarray) -> np.ndarray:
+    return (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
     return np.stack([(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)], 1)
+
+
+def _pair_set(chunks: Iterator[np.ndarray]) -> np.ndarray:
+    """The distinct pairs of all chunks, as packed (a << 32 | b) uint64, merged as they come: a pair found in
+    many bands is held once, so memory follows the distinct pairs, not the band count."""
+    acc = np.empty(0, dtype=np.uint64)
+    pending: list[np.ndarray] = []
+    size = 0
+    for pairs in chunks:
+        pending.append(np.unique(_pack(pairs)))
+        size += len(pending[-1])
+        if size > max(len(acc), 1 << 16):
+            acc, pending, size = np.unique(np.concatenate([acc, *pending])), [], 0
+    return np.unique(np.concatenate([acc, *pending]))
 
 
 def _find(parent: np.ndarray, x: int) -> int:
@@ -468,9 +483,8 @@ class Deduplicator:
                 f"source {self.name!r} is deduplicated against {other!r}, whose index {folder} is missing or "
                 f"out of date; re-run `scalegpt prepare` to rebuild it"
             )
-        theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
-        found: list[tuple[np.ndarray, np.ndarray]] = []
-        try:
+
+        def candidates() -> Iterator[np.ndarray]:
             for path in self.keys:
                 ours = _read(path, _RECORD)
                 ours = ours[alive[ours["doc"]]]
@@ -480,21 +494,25 @@ class Deduplicator:
                 lo = np.searchsorted(idx["key"], ours["key"], side="left")
                 hi = np.searchsorted(idx["key"], ours["key"], side="right")
                 m = hi > lo
-                if not m.any():
-                    continue
                 counts = (hi - lo)[m]
                 a = np.repeat(ours["doc"][m].astype(np.int64), counts)
-                b = idx["doc"][np.repeat(lo[m], counts) + _ranges(counts)].astype(np.int64)
-                pairs = _unique_pairs(np.stack([a, b], axis=1))
+                yield np.stack([a, idx["doc"][np.repeat(lo[m], counts) + _ranges(counts)].astype(np.int64)], axis=1)
+
+        packed = _pair_set(candidates())
+        theirs = _SigFile(folder / "sigs.u32", self.cfg.num_hashes)
+        try:
+            kept, jacs = [], []
+            for s in range(0, len(packed), _PAIR_CHUNK):
+                pairs = _unpack(packed[s : s + _PAIR_CHUNK])
                 jac = _jaccard(sigs, theirs, pairs)
                 ok = jac >= self.cfg.threshold
-                found.append((pairs[ok], jac[ok]))
+                kept.append(pairs[ok])
+                jacs.append(jac[ok])
         finally:
             theirs.close()
-        if not found:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        pairs = np.concatenate([f[0] for f in found])
-        jac = np.concatenate([f[1] for f in found])
+        del packed
+        pairs = np.concatenate(kept) if kept else np.empty((0, 2), np.int64)
+        jac = np.concatenate(jacs) if jacs else np.empty(0)
         order = np.lexsort((pairs[:, 1], -jac, pairs[:, 0]))  # per document: most similar, then lowest number
         pairs = pairs[order]
         first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]) if len(pairs) else np.empty(0, bool)
@@ -503,25 +521,33 @@ class Deduplicator:
     def _clusters(self, sigs: _SigFile, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The documents in a cluster whose keeper (its lowest-ranked member) is another, and that keeper. The
         union-find runs over the documents of verified pairs only, numbered compactly."""
-        edges = []
-        for path in self.keys:
-            rec = _read(path, _RECORD)
-            edges.append(_unique_pairs(_bucket_pairs(rec[alive[rec["doc"]]], self.rank)))
-        pairs = _unique_pairs(np.concatenate(edges)) if edges else np.empty((0, 2), np.int64)
-        del edges
-        pairs = pairs[_jaccard(sigs, sigs, pairs) >= self.cfg.threshold] if len(pairs) else pairs
-        if not len(pairs):
+
+        def edges() -> Iterator[np.ndarray]:
+            for path in self.keys:
+                rec = _read(path, _RECORD)
+                yield _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
+
+        packed = _pair_set(edges())
+        verified = []
+        for s in range(0, len(packed), _PAIR_CHUNK):
+            chunk = packed[s : s + _PAIR_CHUNK]
+            verified.append(chunk[_jaccard(sigs, sigs, _unpack(chunk)) >= self.cfg.threshold])
+        del packed
+        packed = np.concatenate(verified) if verified else np.empty(0, np.uint64)
+        if not len(packed):
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        nodes, inv = np.unique(pairs.ravel(), return_inverse=True)
+        nodes = np.unique(np.concatenate([packed >> np.uint64(32), packed & np.uint64(0xFFFFFFFF)])).astype(np.int64)
         rank = self.rank[nodes]
         parent = np.arange(len(nodes))
-        for a, b in inv.reshape(-1, 2).tolist():
-            ra, rb = _find(parent, a), _find(parent, b)
-            if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
-                if rank[ra] < rank[rb]:
-                    parent[rb] = ra
-                else:
-                    parent[ra] = rb
+        for s in range(0, len(packed), _PAIR_CHUNK):  # Python lists a chunk at a time
+            pairs = np.searchsorted(nodes, _unpack(packed[s : s + _PAIR_CHUNK]))
+            for a, b in zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), strict=True):
+                ra, rb = _find(parent, a), _find(parent, b)
+                if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
+                    if rank[ra] < rank[rb]:
+                        parent[rb] = ra
+                    else:
+                        parent[ra] = rb
         while True:  # every node's root, by pointer jumping
             up = parent[parent]
             if np.array_equal(up, parent):
