@@ -18,7 +18,7 @@ are its exact copies.
 
 Memory stays bounded: a first pass spools the documents to the scratch folder and writes each one's
 signature and band keys there, the keys partitioned by their top bits into KEY_PARTITIONS files handled one
-at a time, and its hashes likewise; in memory stay 10 bytes per document. The second pass reads the spool back and
+at a time, and its hashes likewise; in memory stay 14 bytes per document. The second pass reads the spool back and
 yields the documents kept. A deduplicated source's index (its kept documents' band keys, signatures,
 hashes and excerpts) is then written, as a folder renamed into place, to data.dir/curation/<source>.dedup,
 where a later source deduplicated against it reads it; its fingerprint is part of that source's settings.
@@ -43,6 +43,7 @@ from ..curation import DedupConfig
 from ..ngrams import gram_hashes
 from ..sampling import mix64
 from ..sources import Fragment
+from .workers import _TRIM  # glibc's malloc_trim: the one owner of it in prepare
 
 VERSION = 1
 """Part of a source's settings: bump when the step keeps other documents of the same input."""
@@ -50,7 +51,7 @@ SEED = 1234
 """MinHash seed: fixed, so that indexes of different sources are comparable."""
 KEY_PARTITIONS = 256
 """Band-key files: each holds 1/256 of a source's keys (12 bytes a key), so one in memory stays small."""
-DOC_PARTITIONS = 16
+DOC_PARTITIONS = 64
 """Files of (normalized-text hash, raw-text hash, document) records, by the hash's top bits."""
 _BATCH_CHARS = 1 << 20
 """Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
@@ -183,6 +184,11 @@ class DedupStats:
             f"{self.bytes_kept / 1e6:.2f} MB); dropped {self.dropped_exact:,} exact, {self.dropped_fuzzy:,} "
             f"fuzzy{against}"
         )
+
+
+def _trim() -> None:
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _h64(data: bytes) -> int:
@@ -354,6 +360,15 @@ def _pair_set(chunks: Iterator[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate([acc, *pending]))
 
 
+def _flatten(parent: np.ndarray) -> None:
+    """Point every node of a union-find straight at its root, in place (pointer jumping)."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return
+        parent[:] = up
+
+
 def _find(parent: np.ndarray, x: int) -> int:
     root = x
     while parent[root] != root:
@@ -366,8 +381,8 @@ def _find(parent: np.ndarray, x: int) -> int:
 class Deduplicator:
     """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival.
 
-    In memory stay four arrays of one document each (rank, link, keep, reason: 10 bytes a document); the
-    rest is read from the scratch folder a partition at a time."""
+    In memory stay a few numbers per document (rank, link, keep, reason and, while clustering, the
+    union-find: 14 bytes a document); the rest is read from the scratch folder a partition at a time."""
 
     def __init__(self, job: DedupJob, name: str, work: Path, data_dir: Path) -> None:
         self.job, self.cfg, self.name = job, job.cfg, name
@@ -463,8 +478,9 @@ class Deduplicator:
                 self.keep[exact] = False
                 self.reason[exact] = 1
                 self.stats.dropped_exact = int(exact.sum())
-                del exact
-                docs, roots = self._clusters(sigs, self.keep & is_rep)
+                del exact, is_rep  # the kept documents are the representatives now
+                _trim()
+                docs, roots = self._clusters(sigs, self.keep)
                 self.keep[docs] = False
                 self.reason[docs] = 2
                 self.link[docs] = roots
@@ -519,42 +535,33 @@ class Deduplicator:
         return pairs[first, 0], pairs[first, 1]
 
     def _clusters(self, sigs: _SigFile, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The documents in a cluster whose keeper (its lowest-ranked member) is another, and that keeper. The
-        union-find runs over the documents of verified pairs only, numbered compactly."""
+        """The documents in a cluster whose keeper (its lowest-ranked member) is another, and that keeper.
 
-        def edges() -> Iterator[np.ndarray]:
-            for path in self.keys:
-                rec = _read(path, _RECORD)
-                yield _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
-
-        packed = _pair_set(edges())
-        verified = []
-        for s in range(0, len(packed), _PAIR_CHUNK):
-            chunk = packed[s : s + _PAIR_CHUNK]
-            verified.append(chunk[_jaccard(sigs, sigs, _unpack(chunk)) >= self.cfg.threshold])
-        del packed
-        packed = np.concatenate(verified) if verified else np.empty(0, np.uint64)
-        if not len(packed):
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        nodes = np.unique(np.concatenate([packed >> np.uint64(32), packed & np.uint64(0xFFFFFFFF)])).astype(np.int64)
-        rank = self.rank[nodes]
-        parent = np.arange(len(nodes))
-        for s in range(0, len(packed), _PAIR_CHUNK):  # Python lists a chunk at a time
-            pairs = np.searchsorted(nodes, _unpack(packed[s : s + _PAIR_CHUNK]))
-            for a, b in zip(pairs[:, 0].tolist(), pairs[:, 1].tolist(), strict=True):
-                ra, rb = _find(parent, a), _find(parent, b)
-                if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
-                    if rank[ra] < rank[rb]:
-                        parent[rb] = ra
-                    else:
-                        parent[ra] = rb
-        while True:  # every node's root, by pointer jumping
-            up = parent[parent]
-            if np.array_equal(up, parent):
-                break
-            parent = up
-        moved = parent != np.arange(len(nodes))
-        return nodes[moved], nodes[parent[moved]]
+        One union-find over the source (4 bytes a document), fed a key partition at a time: a candidate pair
+        already in one cluster is not verified again, so a pair found in many bands costs one check, and no
+        set of pairs is held."""
+        n = len(alive)
+        parent = np.arange(n, dtype=np.int32)
+        for path in self.keys:
+            rec = _read(path, _RECORD)
+            pairs = _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
+            if not len(pairs):
+                continue
+            _flatten(parent)
+            pairs = pairs[parent[pairs[:, 0]] != parent[pairs[:, 1]]]
+            for s in range(0, len(pairs), _PAIR_CHUNK):
+                chunk = pairs[s : s + _PAIR_CHUNK]
+                chunk = chunk[_jaccard(sigs, sigs, chunk) >= self.cfg.threshold]
+                for a, b in zip(chunk[:, 0].tolist(), chunk[:, 1].tolist(), strict=True):
+                    ra, rb = _find(parent, a), _find(parent, b)
+                    if ra != rb:  # the lower-ranked root stays the root, so each root is its cluster's keeper
+                        if self.rank[ra] < self.rank[rb]:
+                            parent[rb] = ra
+                        else:
+                            parent[ra] = rb
+        _flatten(parent)
+        moved = np.flatnonzero(parent != np.arange(n, dtype=np.int32))
+        return moved, parent[moved].astype(np.int64)
 
     # pass 2 ----------------------------------------------------------------------------------------------
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
@@ -562,6 +569,7 @@ class Deduplicator:
         self.work.mkdir(parents=True, exist_ok=True)
         try:
             n = self._spool(frags)
+            _trim()  # pass 1's freed batches go back to the system before the decisions allocate
             self._decide(n)
             s = self.stats
             s.kept = int(self.keep.sum())
