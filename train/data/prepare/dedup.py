@@ -360,13 +360,14 @@ def _pair_set(chunks: Iterator[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate([acc, *pending]))
 
 
-def _flatten(parent: np.ndarray) -> None:
-    """Point every node of a union-find straight at its root, in place (pointer jumping)."""
+def _roots(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """The union-find roots of some nodes, vectorized over them (no array as long as the whole forest)."""
+    roots = parent[nodes]
     while True:
-        up = parent[parent]
-        if np.array_equal(up, parent):
-            return
-        parent[:] = up
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            return roots
+        roots = up
 
 
 def _find(parent: np.ndarray, x: int) -> int:
@@ -441,8 +442,9 @@ class Deduplicator:
         """self.rank: each document's place in (normalized-text hash, raw-text hash) order; self.link: the
         lowest-ranked document with the same words (itself for the representative of its exact group). The
         document partitions are rewritten sorted, so reading them in turn is reading in rank order."""
-        self.rank = np.empty(n, dtype=np.int32)  # 10 bytes a document stay in memory, no more
+        self.rank = np.empty(n, dtype=np.int32)  # a few bytes a document stay in memory, no more
         self.link = np.empty(n, dtype=np.int32)
+        self.is_rep = np.zeros(n, dtype=bool)
         offset = 0
         for path in self.docs:  # partitions by the hash's top bits: partition order is hash order
             rec = _read(path, _DOC)
@@ -451,6 +453,7 @@ class Deduplicator:
             self.rank[docs] = np.arange(offset, offset + len(rec), dtype=np.int32)
             start = np.concatenate([[True], rec["chash"][1:] != rec["chash"][:-1]]) if len(rec) else np.empty(0, bool)
             self.link[docs] = docs[np.maximum.accumulate(np.where(start, np.arange(len(rec)), 0))]
+            self.is_rep[docs[start]] = True
             offset += len(rec)
             rec.tofile(path)
 
@@ -458,7 +461,8 @@ class Deduplicator:
         """self.keep and self.reason (0 kept, 1 exact, 2 fuzzy, 3 + k against the k-th source); self.link
         becomes, for a dropped document, the one it duplicates (in this source, or in the other's index)."""
         self._rank(n)
-        is_rep = self.link == np.arange(n, dtype=np.int32)
+        is_rep = self.is_rep
+        del self.is_rep
         self.keep = np.ones(n, dtype=bool)
         self.reason = np.zeros(n, dtype=np.int8)
         sigs = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
@@ -547,8 +551,7 @@ class Deduplicator:
             pairs = _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
             if not len(pairs):
                 continue
-            _flatten(parent)
-            pairs = pairs[parent[pairs[:, 0]] != parent[pairs[:, 1]]]
+            pairs = pairs[_roots(parent, pairs[:, 0]) != _roots(parent, pairs[:, 1])]
             for s in range(0, len(pairs), _PAIR_CHUNK):
                 chunk = pairs[s : s + _PAIR_CHUNK]
                 chunk = chunk[_jaccard(sigs, sigs, chunk) >= self.cfg.threshold]
@@ -559,9 +562,13 @@ class Deduplicator:
                             parent[rb] = ra
                         else:
                             parent[ra] = rb
-        _flatten(parent)
-        moved = np.flatnonzero(parent != np.arange(n, dtype=np.int32))
-        return moved, parent[moved].astype(np.int64)
+        moved, keepers = [], []
+        for s in range(0, n, 1 << 16):  # a slice at a time: no second array as long as the source
+            nodes = np.arange(s, min(n, s + (1 << 16)), dtype=np.int32)
+            roots = _roots(parent, nodes)
+            moved.append(nodes[roots != nodes].astype(np.int64))
+            keepers.append(roots[roots != nodes].astype(np.int64))
+        return np.concatenate(moved), np.concatenate(keepers)
 
     # pass 2 ----------------------------------------------------------------------------------------------
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
