@@ -53,6 +53,8 @@ KEY_PARTITIONS = 256
 """Band-key files: each holds 1/256 of a source's keys (12 bytes a key), so one in memory stays small."""
 DOC_PARTITIONS = 64
 """Files of (normalized-text hash, raw-text hash, document) records, by the hash's top bits."""
+_TRIM_EVERY = 8
+"""Batches of the first pass between two trims of the heap (each costs a few milliseconds)."""
 _BATCH_CHARS = 1 << 20
 """Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
 _RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
@@ -396,11 +398,11 @@ class Deduplicator:
         and its hashes to the document partitions; return the number of documents."""
         keys = _Partitions(self.work / "keys", "keys", KEY_PARTITIONS, "key")
         docs = _Partitions(self.work / "docs", "docs", DOC_PARTITIONS, "chash")
-        n = 0
+        n = batches = 0
         with open(self.work / "spool.bin", "wb") as spool, open(self.work / "sigs.u32", "wb") as sigs:
 
             def flush(batch: list[str]) -> None:
-                nonlocal n
+                nonlocal n, batches
                 if not batch:
                     return
                 s = signatures(batch, self.cfg)
@@ -415,6 +417,9 @@ class Deduplicator:
                 docs.add(doc)
                 self.stats.bytes += int(s.nbytes.sum())
                 n += len(batch)
+                batches += 1
+                if batches % _TRIM_EVERY == 0:
+                    _trim()  # without it the heap creeps up with the number of batches, as workers.py says
 
             pieces: list[str] = []
             batch: list[str] = []
