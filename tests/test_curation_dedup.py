@@ -4,6 +4,7 @@ a change re-prepares only the sources it touches; bad settings are one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -265,3 +266,14 @@ def test_bad_dedup_settings_are_one_line_and_change_nothing(
     assert main(["prepare", str(world["config"]), f"data.sources.{setting}"]) == 2
     assert one_error_line(capsys.readouterr().err).startswith(f"scalegpt: error: {message}")
     assert sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*")) == listing
+
+
+def test_short_documents_and_an_empty_source(tmp_path: Path) -> None:
+    """A document shorter than a shingle is one shingle (its words' hash): equal words go, others stay."""
+    same = ["a b", "a  b", "A B"]
+    kept, step = run_step([*same, "a c", ""], tmp_path / "short")
+    raw = lambda t: int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") & 0xFFFFFFFF  # noqa: E731
+    assert kept == [min(same, key=raw), "a c", ""]  # of exact copies, the lowest raw-text hash stays
+    assert (step.stats.dropped_exact, step.stats.dropped_fuzzy) == (2, 0)
+    kept, step = run_step([], tmp_path / "empty")
+    assert kept == [] and step.stats.documents == 0 and (tmp_path / "empty" / "index" / "meta.json").is_file()

@@ -567,7 +567,7 @@ class Deduplicator:
                             parent[rb] = ra
                         else:
                             parent[ra] = rb
-        moved, keepers = [], []
+        moved, keepers = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
         for s in range(0, n, 1 << 16):  # a slice at a time: no second array as long as the source
             nodes = np.arange(s, min(n, s + (1 << 16)), dtype=np.int32)
             roots = _roots(parent, nodes)
