@@ -340,3 +340,22 @@ def test_transfer_fails_when_the_best_moves_two_grid_points() -> None:
     report = sweep_report(_outcomes({32: [4.0, 3.2, 3.0], 64: [3.5, 3.1, 3.3], 128: [2.4, 2.6, 3.4]}))
     assert report.transfer is not None and (report.transfer.spread, report.transfer.holds) == (2, False)
     assert ": NO, 2 grid step(s) apart (L2-d32 0.01, L2-d64 0.003, L2-d128 0.001)" in report_lines(report)[0]
+
+
+def test_a_plain_mup_ladder_keeps_the_learning_rate_at_every_width(capsys: pytest.CaptureFixture[str]) -> None:
+    """μP transfers optim.lr across width itself (each group's lr_scale), so the ladder's width rule, which
+    scales the standard parametrization's rate by d_ref / d_model, must not apply on top of it."""
+    cpu = str(Path(__file__).resolve().parents[1] / "configs" / "ladder-cpu.yaml")
+    common = ["optim.lr=1e-3", "run.dir=/nonexistent/x", "--launch", "--procs", "1", "--dry-run"]
+
+    def rung_lrs(*extra: str) -> list[float]:
+        assert main(["ladder", cpu, *extra, *common]) == 0
+        out = capsys.readouterr().out
+        commands = [line for line in out.splitlines() if "--module scalegpt train" in line]
+        assert len(commands) == 5, out
+        return [float(c.split("optim.lr=")[-1].split()[0]) for c in commands]
+
+    standard = rung_lrs()
+    assert standard[-1] == pytest.approx(1e-3) and standard[0] == pytest.approx(1e-3 * 128 / 32)
+    mup = rung_lrs("model.parametrization=mup", "model.mup_base_d_model=32", "model.mup_base_d_head=16")
+    assert mup == [pytest.approx(1e-3)] * 5

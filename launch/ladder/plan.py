@@ -367,7 +367,7 @@ def _rung_overrides(shape: Shape, recipe: _Recipe, steps: int, tokens: int, lr: 
 
 
 def width_lr(cfg: Config, d_model: int, exponent: float) -> float:
-    """The learning rate of an IsoFLOP rung (and of `scalegpt plan --compute`'s run) at `d_model`: under
+    """The learning rate of a rung (and of `scalegpt plan --compute`'s run) at `d_model`: under
     mup, the config's optim.lr, which μP transfers across width unchanged; under standard, the ladder's
     rule, optim.lr x (config d_model / d_model)^exponent."""
     if cfg.model.parametrization == "mup":
@@ -441,7 +441,7 @@ def _plan_rung(
     steps, tokens = budget.steps, budget.tokens
     if axis and axis[0].key == SWEEP_KEY:  # a learning-rate sweep: the same value at every width
         lr = float(axis[1])
-    elif budget_flops is not None:
+    elif budget_flops is not None or base.model.parametrization == "mup":
         lr = width_lr(base, shape.d_model, recipe.lr_exponent)
     else:
         lr = recipe.lr * (recipe.d_ref / shape.d_model) ** recipe.lr_exponent
@@ -570,7 +570,7 @@ def describe_plan(plan: LadderPlan) -> list[str]:
     """The size rule, each rung's shape and budget, and where the shapes depart from Table 2.1."""
     ref = plan.reference
     lr_rule = f"lr = {ref.optim.lr:g} x ({ref.model.d_model} / d_model)^{plan.lr_exponent:g}"
-    if plan.isoflop is not None and ref.model.parametrization == "mup":
+    if ref.model.parametrization == "mup":
         lr_rule = f"lr = {ref.optim.lr:g} at every width (μP transfers it)"
     if plan.sweep:
         lr_rule = f"lr swept over {', '.join(plan.axis.values)} at every width"  # type: ignore[union-attr]

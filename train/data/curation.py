@@ -73,8 +73,31 @@ class QualityConfig:
 
 
 @dataclass
+class DedupConfig:
+    """GPT-3 Appendix A: remove exact and fuzzy (MinHash LSH) duplicate documents, within the source and
+    against earlier-ranked sources (train/data/prepare/dedup.py; the defaults are measured in bench/dedup.py)."""
+
+    within: bool = False
+    """Remove duplicates inside this source: a cluster of copies keeps one document."""
+    against: list[str] = field(default_factory=list)
+    """Sources earlier in data.sources (each deduplicated itself) whose documents this source's copies are
+    removed against: the copy in the higher-ranked source is kept, as the paper removed WebText from Common
+    Crawl. The step is off while within is false and against is empty."""
+    shingle: int = 3
+    """Words per shingle (lowercased, split on whitespace)."""
+    num_hashes: int = 128
+    """MinHash functions per document."""
+    bands: int = 32
+    """LSH bands; must divide num_hashes. Documents sharing one band's hashes are candidates."""
+    threshold: float = 0.5
+    """A candidate pair is a duplicate when its estimated Jaccard similarity is at least this."""
+
+
+@dataclass
 class CurationConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     """Filter documents by a classifier's score (off until it names positives or a classifier)."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Remove duplicate documents (off until within is true or against names a source)."""
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     """Remove evaluation overlaps (off until it names tasks)."""

@@ -107,7 +107,7 @@ def _run(plan: PreparePlan, stale: list[int], tok: Tok | None, echo: Echo) -> di
     """The three phases for the stale sources (every source when the BPE must be trained)."""
     quiet_datasets()
     indices = range(len(plan.sources)) if tok is None else stale
-    work = [Work(i, plan.sources[i], quality=plan.quality_filter(i)) for i in indices]
+    work = [Work(i, plan.sources[i], quality=plan.quality_filter(i), dedup_job=plan.dedup_job(i)) for i in indices]
     echo(f"preparing {len(work)} of {len(plan.sources)} sources into {plan.data_dir}")
     chunk = PIECE_CHARS if plan.chunked else None
     with Scratch(plan.data_dir) as scratch:
@@ -171,6 +171,8 @@ def _tokenize(
                 w.entry["curation"] = {"decontaminate": w.curation.row()}
             if w.quality is not None:
                 w.entry.setdefault("curation", {})["quality"] = w.quality.stats.row()
+            if w.dedup_stats is not None:
+                w.entry.setdefault("curation", {})["dedup"] = w.dedup_stats.row()
             finished(out.path, w.entry, w.chars)
             files.append(out.path)
     return files

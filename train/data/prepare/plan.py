@@ -26,7 +26,7 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
-from . import decontaminate, quality, staged
+from . import decontaminate, dedup, quality, staged
 from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,6 +46,8 @@ class Work:
     entry: dict[str, Any] = field(default_factory=dict)
     curation: DecontaminationStats | None = None
     quality: quality.QualityFilter | None = None
+    dedup_job: dedup.DedupJob | None = None
+    dedup_stats: dedup.DedupStats | None = None
 
 
 @dataclass
@@ -111,6 +113,9 @@ class PreparePlan:
         q = quality.settings(source.cfg.curation.quality, self.classifiers.get(i))
         if q is not None:
             out.setdefault("curation", {})["quality"] = q
+        against = self.dedup_against(i)
+        if against is not None:
+            out.setdefault("curation", {})["dedup"] = dedup.settings(source.cfg.curation.dedup, against)
         for key in ("max_documents", "max_mb"):  # only when set, so older manifests stay up to date
             if getattr(source.cfg, key) is not None:
                 out[key] = getattr(source.cfg, key)
@@ -147,6 +152,28 @@ class PreparePlan:
         }
         quality.save_outputs(self.data_dir, trained, manifest, self.old, echo)
 
+    def dedup_against(self, i: int) -> dict[str, str] | None:
+        """Source i's dedup `against` sources with their indexes' fingerprints; None when its dedup is off."""
+        cfg = self.sources[i].cfg.curation.dedup
+        if not dedup.check(cfg, f"data.sources.{i}.curation.dedup", self.names, i):
+            return None
+        return {name: self.index_fingerprint(self.names.index(name)) for name in cfg.against}
+
+    def index_fingerprint(self, i: int) -> str:
+        """What source i's dedup index is a function of: its inputs and settings (those it is deduplicated
+        against included), so re-preparing a source re-prepares the sources deduplicated against it."""
+        what = {"fingerprint": self.sources[i].fingerprint, "settings": self.settings(i)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def dedup_job(self, i: int) -> dedup.DedupJob | None:
+        """What source i's dedup step needs, or None when it is off."""
+        against = self.dedup_against(i)
+        if against is None:
+            return None
+        index = lambda j: dedup.index_path(self.data_dir, file_name(self.names[j])[: -len(".bin")])  # noqa: E731
+        others = [(n, index(self.names.index(n)), fp) for n, fp in against.items()]
+        return dedup.DedupJob(self.sources[i].cfg.curation.dedup, index(i), self.index_fingerprint(i), others)
+
     def old_entry(self, name: str) -> dict[str, Any] | None:
         return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)
 
@@ -165,6 +192,7 @@ class PreparePlan:
             and entry["tokenizer_hash"] == tok_hash
             and path.is_file()
             and path.stat().st_size == entry["tokens"] * self.dtype.itemsize
+            and dedup.index_ok(self.dedup_job(i))
         )
 
     def manifest(self, entries: dict[str, dict[str, Any]], tok: Tok, file_sha: str) -> dict[str, Any]:
@@ -205,6 +233,8 @@ def plan_prepare(cfg: Config, echo: Echo = print) -> tuple[PreparePlan, Tok | No
     for i, s in enumerate(d.sources):  # bad curation settings fail before anything is read or written
         decontaminate.check(s.curation.decontaminate, f"data.sources.{i}.curation.decontaminate")
         quality.check(s.curation.quality, f"data.sources.{i}.curation.quality", d, s.name)
+        dedup.check(s.curation.dedup, f"data.sources.{i}.curation.dedup", [t.name for t in d.sources], i)
+    dedup.check_against([s.curation.dedup for s in d.sources], [t.name for t in d.sources])
     recipe, tok = _tokenizer(cfg, data_dir, old)
     plan = PreparePlan(cfg, data_dir, dtype, recipe, sources, old, tok is None or is_chunk_safe(tok.tok))
     by_name: dict[str, src_mod.Source[Any]] = {s.name: s for s in sources}

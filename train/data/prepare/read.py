@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from ...errors import UserError
 from .. import sources as src_mod
 from ..tokenizer import split_safe, train_bpe
 from .decontaminate import Decontaminator
+from .dedup import Deduplicator
+from .lock import SCRATCH_PREFIX
 from .plan import Echo, Work
 from .workers import Row
 
@@ -97,6 +100,11 @@ def curated(w: Work, cfg: Config, chunk: int | None) -> Iterator[src_mod.Fragmen
     if w.quality is not None:
         w.quality = w.quality.fresh()
         frags = w.quality.apply(frags)
+    if w.dedup_job is not None:  # its spool goes to this run's scratch folder (lock.Scratch), cleaned up with it
+        work = Path(cfg.data.dir) / f"{SCRATCH_PREFIX}{os.getpid()}" / f"dedup-{w.index}"
+        dedup_step = Deduplicator(w.dedup_job, w.source.name, work, Path(cfg.data.dir))
+        w.dedup_stats = dedup_step.stats
+        frags = dedup_step.apply(frags)
     step = Decontaminator.of(w.source.cfg.curation.decontaminate, f"data.sources.{w.index}.curation.decontaminate")
     if step is None:
         return frags
@@ -143,6 +151,8 @@ def report(w: Work, echo: Echo) -> None:
         if w.quality.staged is not None:
             echo(f"  {w.source.name}: quality scores looked up in {w.quality.staged.where} (`scalegpt curate`)")
         echo(f"  {w.source.name}: quality filter: {w.quality.stats.summary()}")
+    if w.dedup_stats is not None:
+        echo(f"  {w.source.name}: deduplicated: {w.dedup_stats.summary()}")
     if w.curation is not None:
         echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
     if s.bad_lines:
