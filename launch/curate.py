@@ -32,7 +32,7 @@ import numpy as np
 from ..train.config.loading import load_config
 from ..train.config.schema import Config, to_yaml
 from ..train.data import sources as src_mod
-from ..train.data.prepare import quality, staged
+from ..train.data.prepare import dedup, quality, staged
 from ..train.data.prepare.plan import file_name, plan_prepare
 from ..train.errors import UserError, check_writable_dir
 
@@ -62,19 +62,31 @@ class ScoreAndSign:
         plan, _ = plan_prepare(cfg, echo=lambda *_: None)
         for i in self.job.sources:
             src = plan.sources[i]
-            q = plan.quality_filter(i)
+            q, d = plan.quality_filter(i), plan.dedup_job(i)
             frags = src_mod.fragments(src, invalid_utf8=cfg.data.invalid_utf8, chunk=None, stats=src_mod.ReadStats())
-            mine = (d for n, d in enumerate(staged.documents(frags)) if n % world_size == rank)
-            hashes, scores = [], []
+            mine = (doc for n, doc in enumerate(staged.documents(frags)) if n % world_size == rank)
+            parts: dict[str, list[np.ndarray]] = {}
             for batch in _batches(mine):
-                hashes.append(staged.doc_hashes(batch))
-                if q is not None:
-                    scores.append(q.clf.scores(batch))
-            arrays = {"hashes": _cat(hashes, np.uint64)}
-            if q is not None:
-                arrays["scores"] = _cat(scores, np.float64)
-            staged.write_shard(staged.folder(Path(self.job.data_dir), file_name(src.name)), rank, arrays)
+                if q is not None:  # scored as prepare scores; dedup then sees only what the keep rule keeps
+                    scores = q.clf.scores(batch)
+                    _add(parts, "quality", {"hashes": staged.doc_hashes(batch), "scores": scores})
+                    kept, _ = q.rule.decide(scores, batch)
+                    batch = [doc for doc, k in zip(batch, kept.tolist(), strict=True) if k]
+                if d is not None and batch:
+                    s = dedup.signatures(batch, d.cfg)
+                    arrays = {name: getattr(s, name) for name in dedup.STAGED}
+                    _add(parts, "dedup", {"hashes": staged.doc_hashes(batch), **arrays})
+            out = {name: np.concatenate(p) for name, p in parts.items()}
+            for step, on, width in (("quality", q, 0), ("dedup", d, 0)):
+                if on is not None and f"{step}-hashes" not in out:  # a task with no documents of its own
+                    out[f"{step}-hashes"] = np.zeros(width, dtype=np.uint64)
+            staged.write_shard(staged.folder(Path(self.job.data_dir), file_name(src.name)), rank, out)
         return iter(())
+
+
+def _add(parts: dict[str, list[np.ndarray]], step: str, arrays: dict[str, np.ndarray]) -> None:
+    for name, a in arrays.items():
+        parts.setdefault(f"{step}-{name}", []).append(a)
 
 
 @dataclass(frozen=True)
@@ -104,10 +116,6 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,9 @@ def curate(cfg: Config, *, kind: str, tasks: int, workers: int, cluster: Cluster
         key = plan.staged_key(i)
         if key.quality is None and key.dedup is None:
             continue
-        if staged.Staged.load(staged.folder(data_dir, file_name(src.name)), key) is not None:
+        where = staged.folder(data_dir, file_name(src.name))
+        steps = [step for step, on in (("quality", key.quality), ("dedup", key.dedup)) if on is not None]
+        if all(staged.Staged.load(where, key, step) is not None for step in steps):
             echo(f"  {src.name}: its staged results are up to date")
             continue
         todo.append(i)

@@ -38,6 +38,7 @@ SCONTROL = '#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo "$3"\nexit 0\n'
 def crawl(path: Path) -> list[str]:
     """A stand-in for raw Common Crawl: generated prose and junk, shuffled, one JSON document a line."""
     docs = [*builtin.generate("prose", 0.06, seed=5), *builtin.generate("junk", 0.06, seed=6)]
+    docs += [d.replace(".", "!", 1) for d in docs[:40]]  # near copies for dedup
     random.Random(0).shuffle(docs)
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
@@ -53,10 +54,15 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "name": "crawl",
             "path": str(root / "crawl.jsonl"),
             "weight": 0.5,
-            "curation": {"quality": {"positives": ["prose"], "max_examples": 200}},
+            "curation": {
+                "quality": {"positives": ["prose"], "negatives": ["junk"], "max_examples": 200},
+                "dedup": {"within": True},
+            },
         },
     ]
+    junk = [{"name": "junk", "builtin": "junk", "builtin_mb": 0.1}]
     data = {"dir": str(root / "local"), "tokenizer": "gpt2", "num_proc": 1, "val_fraction": 0.05, "sources": sources}
+    data["reference_sources"] = junk
     return write_config(root / "c.json", data, {"vocab_size": 50257})
 
 
@@ -80,17 +86,23 @@ def test_local_executor_gives_the_same_token_files(config: Path, local: tuple[by
     argv = [str(config), f"data.dir={data}"]
     assert main(["curate", *argv, "--tasks", "3", "--workers", "1"]) == 0
     assert "in 3 task(s) on the local executor" in capsys.readouterr().out
-    result = json.loads((data / "curation" / "staged" / "crawl" / "result.json").read_text())
-    n_docs = local[1]["curation"]["quality"]["documents"]
-    assert result["documents"] <= n_docs and result["tasks"] == 3  # copies of a document are stored once
+    result = json.loads((data / "curation" / "staged" / "crawl" / "result" / "meta.json").read_text())
+    rows = local[1]["curation"]
+    assert result["tasks"] == 3 and result["documents"]["quality"] <= rows["quality"]["documents"]
+    assert result["documents"]["dedup"] == rows["dedup"]["documents"]  # what quality kept, all distinct here
+    assert rows["dedup"]["dropped_fuzzy"] + rows["dedup"]["dropped_exact"] > 0
     assert main(["prepare", *argv]) == 0
     out = capsys.readouterr().out
-    assert "crawl: quality scores looked up in" in out
+    assert "crawl: quality scores looked up in" in out and "crawl: dedup signatures looked up in" in out
     tokens, entry = prepared(data)
     assert tokens == local[0]
-    assert entry["curation"]["quality"] == local[1]["curation"]["quality"]
+    assert entry["curation"] == local[1]["curation"]
     assert main(["curate", *argv, "--tasks", "3"]) == 0  # up to date: nothing is staged again
     assert "its staged results are up to date" in capsys.readouterr().out
+    # another keep rule: the staged results are not this run's (dedup's were signed after the old rule)
+    assert main(["prepare", *argv, "data.sources.1.curation.quality.alpha=5"]) == 0
+    out = capsys.readouterr().out
+    assert "crawl: quality filter: kept" in out and "looked up" not in out
 
 
 @pytest.mark.slow
@@ -129,7 +141,7 @@ def test_slurm_executor_renders_and_runs_the_job(config: Path, local: tuple[byte
     assert run.returncode == 0, run.stderr[-3000:]
     assert "crawl: quality scores looked up in" in run.stdout
     tokens, entry = prepared(data)
-    assert tokens == local[0] and entry["curation"]["quality"] == local[1]["curation"]["quality"]
+    assert tokens == local[0] and entry["curation"] == local[1]["curation"]
 
 
 def test_bad_task_counts_are_one_line(config: Path, capsys) -> None:

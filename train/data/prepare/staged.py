@@ -10,8 +10,9 @@ against earlier sources) stay in prepare, so a staged run and a local one make t
 results are used only when they were made from the same inputs and settings (`Key`); otherwise prepare
 computes as if there were none, and says so.
 
-Layout: data.dir/curation/staged/<source>/ holds shard-<rank>.npz from each task, then result.npz and
-result.json, the merge of them all, written last (the merge task's output; its presence means done).
+Layout: data.dir/curation/staged/<source>/ holds shard-<rank>.npz from each task, then result/, the merge of
+them all, renamed into place last (the merge task's output; its presence means done): per step, its
+documents' hashes sorted and one .npy per array beside them, and meta.json with the key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,16 +68,18 @@ def folder(data_dir: Path, source_file: str) -> Path:
 
 
 def write_shard(where: Path, rank: int, arrays: dict[str, np.ndarray]) -> None:
-    """One task's results (hashes, and scores or signatures), atomically: a killed task leaves none."""
+    """One task's results, atomically: a killed task leaves none. Names are `<step>-<array>`; each step's
+    `<step>-hashes` says which documents its rows are (dedup signs only the documents quality kept)."""
     where.mkdir(parents=True, exist_ok=True)
     with atomic_path(where / f"shard-{rank:05d}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
 
-def merge(where: Path, tasks: int, key: Key) -> int:
-    """The shards of all tasks as one result, sorted by document hash (a document that occurs twice has the
-    same results twice, so one is kept); returns the number of distinct documents."""
+def merge(where: Path, tasks: int, key: Key) -> dict[str, int]:
+    """The shards of all tasks as one result per step, sorted by document hash (a document that occurs twice
+    has the same results twice, so one is kept), each array a .npy that prepare maps rather than loads.
+    Returns the number of distinct documents per step."""
     parts: dict[str, list[np.ndarray]] = {}
     for rank in range(tasks):
         path = where / f"shard-{rank:05d}.npz"
@@ -84,38 +88,49 @@ def merge(where: Path, tasks: int, key: Key) -> int:
         with np.load(path, allow_pickle=False) as z:
             for name in z.files:
                 parts.setdefault(name, []).append(z[name])
-    arrays = {name: np.concatenate(p) for name, p in parts.items()}
-    _, first = np.unique(arrays["hashes"], return_index=True)
-    arrays = {name: a[first] for name, a in arrays.items()}
-    with atomic_path(where / f"{RESULT}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    write_json_atomic(where / f"{RESULT}.json", {"key": key.row(), "documents": len(first), "tasks": tasks})
+    out = where / RESULT
+    tmp = where / f".{RESULT}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    counts = {}
+    for step in sorted({name.split("-", 1)[0] for name in parts}):
+        _, first = np.unique(np.concatenate(parts[f"{step}-hashes"]), return_index=True)
+        counts[step] = len(first)
+        for name in [n for n in parts if n.split("-", 1)[0] == step]:
+            np.save(tmp / f"{name}.npy", np.concatenate(parts[name])[first])
+    write_json_atomic(tmp / "meta.json", {"key": key.row(), "documents": counts, "tasks": tasks})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     for rank in range(tasks):
         os.unlink(where / f"shard-{rank:05d}.npz")
-    return len(first)
+    return counts
 
 
 @dataclass
 class Staged:
-    """A source's merged staged results, looked up by document text."""
+    """One step's staged results for a source, looked up by document text; the arrays are memory-mapped, so
+    a source of any size costs only the pages its lookups touch."""
 
     where: Path
     hashes: np.ndarray
     arrays: dict[str, np.ndarray]
 
     @classmethod
-    def load(cls, where: Path, key: Key) -> Staged | None:
-        """The results in `where` when they were made for this key; None when there are none or they are not."""
+    def load(cls, where: Path, key: Key, step: str) -> Staged | None:
+        """The step's results in `where` when they were made for this key; None when there are none or they are
+        not this run's."""
+        folder = where / RESULT
         try:
-            meta = json.loads((where / f"{RESULT}.json").read_text())
-            if meta.get("key") != key.row():
+            meta = json.loads((folder / "meta.json").read_text())
+            if meta.get("key") != key.row() or step not in meta.get("documents", {}):
                 return None
-            with np.load(where / f"{RESULT}.npz", allow_pickle=False) as z:
-                arrays = {name: z[name] for name in z.files}
+            arrays = {
+                p.stem.split("-", 1)[1]: np.load(p, mmap_mode="r", allow_pickle=False)
+                for p in sorted(folder.glob(f"{step}-*.npy"))
+            }
         except (OSError, ValueError):
             return None
-        return cls(where, arrays.pop("hashes"), arrays)
+        return cls(folder, arrays.pop("hashes"), arrays)
 
     def rows(self, docs: Sequence[str]) -> np.ndarray:
         """Each document's row in the results; a document the job never saw means the source changed under it."""
@@ -130,7 +145,7 @@ class Staged:
         return at
 
     def get(self, name: str, docs: Sequence[str]) -> np.ndarray:
-        return self.arrays[name][self.rows(docs)]
+        return np.asarray(self.arrays[name][self.rows(docs)])
 
 
 def documents(frags: Iterator[tuple[str, bool]]) -> Iterator[str]:
