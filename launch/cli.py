@@ -35,6 +35,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "plan": ("scalegpt.launch.plan", "plan_command"),
     "plot": ("scalegpt.launch.ladder.command", "plot_command"),  # a run or a ladder directory
     "inspect": ("scalegpt.launch.inspect_cmd", "inspect_command"),
+    "curate": ("scalegpt.launch.curate", "curate_command"),
     "ladder": ("scalegpt.launch.ladder.command", "ladder_command"),
 }
 
@@ -50,6 +51,21 @@ def _with_weights(sub: _Subparsers, name: str, help_: str) -> argparse.ArgumentP
 
 def _add_prepare(sub: _Subparsers) -> None:
     with_config(sub, "prepare", "tokenize every source of the config's data section")
+
+
+def _add_curate(sub: _Subparsers) -> None:
+    s = with_config(
+        sub, "curate", "score and sign the curated sources' documents on a datatrove executor (local or SLURM)"
+    )
+    s.add_argument(
+        "--executor", choices=("local", "slurm"), default="local", help="where the tasks run (default local)"
+    )
+    s.add_argument("--tasks", type=int, default=1, help="tasks that split each source's documents (default 1)")
+    s.add_argument("--workers", type=int, default=-1, help="tasks at once (default -1: all)")
+    s.add_argument("--partition", default=None, help="SLURM partition")
+    s.add_argument("--time", default="24:00:00", help="SLURM time limit per task (default %(default)s)")
+    s.add_argument("--cpus-per-task", type=int, default=1, help="SLURM CPUs per task (default 1)")
+    s.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="SLURM memory per CPU in GB (default 2)")
 
 
 def _add_train(sub: _Subparsers) -> None:
@@ -157,7 +173,17 @@ def _add_inspect(sub: _Subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="scalegpt", description="Train, resume, sample and evaluate GPT-3-style models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    adders = (_add_prepare, _add_train, add_launch_parser, _add_sample, _add_eval, _add_export, _add_plan, _add_plot)
+    adders = (
+        _add_prepare,
+        _add_curate,
+        _add_train,
+        add_launch_parser,
+        _add_sample,
+        _add_eval,
+        _add_export,
+        _add_plan,
+        _add_plot,
+    )
     for add in (*adders, _add_inspect, add_ladder_parser):
         add(sub)
     return p

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+CURATION_DIR = "curation"
+"""data.dir/curation/ holds what the steps keep beside the token files: classifiers, figures, indexes."""
+
 
 @dataclass
 class DecontaminateConfig:

@@ -43,6 +43,7 @@ from ..curation import DedupConfig
 from ..ngrams import gram_hashes
 from ..sampling import mix64
 from ..sources import Fragment
+from .staged import Staged
 from .workers import _TRIM  # glibc's malloc_trim: the one owner of it in prepare
 
 VERSION = 1
@@ -123,6 +124,12 @@ def check_against(cfgs: Sequence[DedupConfig], names: Sequence[str]) -> None:
                     )
 
 
+def signature_settings(cfg: DedupConfig) -> dict[str, Any]:
+    """What a document's signature and band keys are a function of (staged results are kept under it)."""
+    what = {"shingle": cfg.shingle, "num_hashes": cfg.num_hashes, "bands": cfg.bands, "seed": SEED}
+    return {**what, "rensa": rensa_version(), "version": VERSION}
+
+
 def settings(cfg: DedupConfig, against: dict[str, str]) -> dict[str, Any]:
     """What goes into the source's settings: a change re-prepares it. against: name -> that index's fingerprint."""
     return {**asdict(cfg), "against": against, "seed": SEED, "rensa": rensa_version(), "version": VERSION}
@@ -142,6 +149,8 @@ class DedupJob:
     """What the index is a function of (the source's inputs and settings), stored in its meta.json."""
     against: list[tuple[str, Path, str]] = field(default_factory=list)
     """(source name, index folder, expected fingerprint) of each earlier source, in the config's order."""
+    staged: Staged | None = None
+    """Signatures computed ahead by `scalegpt curate` (staged.py), looked up instead of computed."""
 
 
 def read_meta(index: Path) -> dict[str, Any] | None:
@@ -264,6 +273,19 @@ def signatures(docs: Sequence[str], cfg: DedupConfig) -> Signatures:
         for j in range(rows):
             acc = mix64(acc ^ (bands[:, :, j] + _GOLDEN))
     return Signatures(chash, rawhash, np.array([len(r) for r in raw], dtype=np.int64), sig, acc, raw)
+
+
+STAGED = ("chash", "rawhash", "sig", "keys")
+"""The arrays of Signatures that `scalegpt curate` stages (the rest follow from the text)."""
+
+
+def looked_up(docs: Sequence[str], staged: Staged) -> Signatures:
+    """signatures() of a batch from staged results: the same arrays, read instead of computed."""
+    rows = staged.rows(docs)
+    got = {name: np.asarray(staged.arrays[name][rows]) for name in STAGED}
+    raw = [d.encode("utf-8") for d in docs]
+    nbytes = np.array([len(r) for r in raw], dtype=np.int64)
+    return Signatures(got["chash"], got["rawhash"], nbytes, got["sig"], got["keys"], raw)
 
 
 class _Partitions:
@@ -405,7 +427,7 @@ class Deduplicator:
                 nonlocal n, batches
                 if not batch:
                     return
-                s = signatures(batch, self.cfg)
+                s = signatures(batch, self.cfg) if self.job.staged is None else looked_up(batch, self.job.staged)
                 spool.write(b"".join(part for data in s.raw for part in (len(data).to_bytes(8, "little"), data)))
                 sigs.write(s.sig.tobytes())
                 ids = np.arange(n, n + len(batch), dtype=np.uint32)

@@ -26,7 +26,7 @@ from ..tokenizer import (
     token_dtype,
     tokenizer_hash,
 )
-from . import decontaminate, dedup, quality
+from . import decontaminate, dedup, quality, staged
 from .decontaminate import DecontaminationStats
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -129,9 +129,23 @@ class PreparePlan:
         if clf is None:
             return None
         figure = quality.stem(self.data_dir, file_name(self.sources[i].name))
-        return quality.QualityFilter.of(
+        step = quality.QualityFilter.of(
             self.sources[i].cfg.curation.quality, clf, f"{figure.relative_to(self.data_dir)}.png"
         )
+        step.staged = staged.Staged.load(
+            staged.folder(self.data_dir, file_name(self.sources[i].name)), self.staged_key(i), "quality"
+        )
+        return step
+
+    def staged_key(self, i: int) -> staged.Key:
+        """The key under which `scalegpt curate` stages source i's per-document work, and prepare finds it."""
+        clf = self.classifiers.get(i)
+        rule = quality.KeepRule.of(self.sources[i].cfg.curation.quality).row()
+        q = None if clf is None else json.dumps({"classifier": clf.fingerprint, **rule}, sort_keys=True)
+        cfg = self.sources[i].cfg.curation.dedup
+        on = dedup.check(cfg, f"data.sources.{i}.curation.dedup", self.names, i)
+        d = json.dumps(dedup.signature_settings(cfg), sort_keys=True) if on else None
+        return staged.Key(self.sources[i].fingerprint, q, d)
 
     def save_quality(self, manifest: dict[str, Any], echo: Echo) -> None:
         """The classifiers trained in this run, and the score figures, saved once the manifest is written."""
@@ -161,7 +175,9 @@ class PreparePlan:
             return None
         index = lambda j: dedup.index_path(self.data_dir, file_name(self.names[j])[: -len(".bin")])  # noqa: E731
         others = [(n, index(self.names.index(n)), fp) for n, fp in against.items()]
-        return dedup.DedupJob(self.sources[i].cfg.curation.dedup, index(i), self.index_fingerprint(i), others)
+        where = staged.folder(self.data_dir, file_name(self.names[i]))
+        ahead = staged.Staged.load(where, self.staged_key(i), "dedup")
+        return dedup.DedupJob(self.sources[i].cfg.curation.dedup, index(i), self.index_fingerprint(i), others, ahead)
 
     def old_entry(self, name: str) -> dict[str, Any] | None:
         return next((e for e in (self.old or {}).get("sources", []) if e["name"] == name), None)

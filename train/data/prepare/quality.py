@@ -41,12 +41,12 @@ from ...config.schema import DataConfig
 from ...errors import UserError
 from ...osutil import atomic_path, write_json_atomic
 from .. import sources as src_mod
-from ..curation import QualityConfig
+from ..curation import CURATION_DIR, QualityConfig
+from .staged import Staged
 
 VERSION = 1
 """Part of a filtered source's settings and of a classifier's training key: bump when either changes."""
 FORMAT = "scalegpt-quality-classifier"
-CURATION_DIR = "curation"
 """data.dir's folder for what curation saves beside the token files."""
 EXAMPLE_CHARS = 2000
 """Training examples are pieces of about this many characters, cut at whitespace: a source may hold one long
@@ -539,6 +539,8 @@ class QualityFilter:
     clf: Classifier
     rule: KeepRule
     stats: QualityStats
+    staged: Staged | None = None
+    """Scores computed ahead by `scalegpt curate` (staged.py), looked up instead of computed."""
 
     @classmethod
     def of(cls, cfg: QualityConfig, clf: Classifier, figure: str) -> QualityFilter:
@@ -548,12 +550,12 @@ class QualityFilter:
     def fresh(self) -> QualityFilter:
         """The same filter with its counts at zero (a source read again counts again)."""
         return QualityFilter(
-            self.clf, self.rule, QualityStats(self.stats.rule, self.stats.classifier, self.stats.figure)
+            self.clf, self.rule, QualityStats(self.stats.rule, self.stats.classifier, self.stats.figure), self.staged
         )
 
     def decide(self, docs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(kept mask, scores) of the documents; counted into stats."""
-        scores = self.clf.scores(docs)
+        scores = self.staged.get("scores", docs) if self.staged is not None else self.clf.scores(docs)
         kept, draws = self.rule.decide(scores, docs)
         st = self.stats
         sizes = [len(d.encode("utf-8", "surrogatepass")) for d in docs]

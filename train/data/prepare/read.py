@@ -148,8 +148,12 @@ def report(w: Work, echo: Echo) -> None:
             f"point it at text or remove it from data.sources"
         )
     if w.quality is not None:
+        if w.quality.staged is not None:
+            echo(f"  {w.source.name}: quality scores looked up in {w.quality.staged.where} (`scalegpt curate`)")
         echo(f"  {w.source.name}: quality filter: {w.quality.stats.summary()}")
     if w.dedup_stats is not None:
+        if w.dedup_job is not None and w.dedup_job.staged is not None:
+            echo(f"  {w.source.name}: dedup signatures looked up in {w.dedup_job.staged.where} (`scalegpt curate`)")
         echo(f"  {w.source.name}: deduplicated: {w.dedup_stats.summary()}")
     if w.curation is not None:
         echo(f"  {w.source.name}: decontaminated: {w.curation.summary()}")
