@@ -36,9 +36,6 @@ from ..train.data.prepare import dedup, quality, staged
 from ..train.data.prepare.plan import file_name, plan_prepare
 from ..train.errors import UserError, check_writable_dir
 
-_BATCH_CHARS = 1 << 20
-"""Characters of documents scored and signed together in a task."""
-
 
 @dataclass(frozen=True)
 class Job:
@@ -64,9 +61,9 @@ class ScoreAndSign:
             src = plan.sources[i]
             q, d = plan.quality_filter(i), plan.dedup_job(i)
             frags = src_mod.fragments(src, invalid_utf8=cfg.data.invalid_utf8, chunk=None, stats=src_mod.ReadStats())
-            mine = (doc for n, doc in enumerate(staged.documents(frags)) if n % world_size == rank)
+            mine = ((doc, True) for n, doc in enumerate(src_mod.whole_documents(frags)) if n % world_size == rank)
             parts: dict[str, list[np.ndarray]] = {}
-            for batch in _batches(mine):
+            for batch in src_mod.document_batches(mine):
                 if q is not None:  # scored as prepare scores; dedup then sees only what the keep rule keeps
                     scores = q.clf.scores(batch)
                     _add(parts, "quality", {"hashes": staged.doc_hashes(batch), "scores": scores})
@@ -103,19 +100,6 @@ class Merge:
             where = staged.folder(Path(self.job.data_dir), file_name(plan.sources[i].name))
             staged.merge(where, self.tasks, plan.staged_key(i))
         return iter(())
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for d in docs:
-        batch.append(d)
-        size += len(d)
-        if size >= _BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 @dataclass(frozen=True)

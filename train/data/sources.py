@@ -342,6 +342,37 @@ def _hf_documents(ds: Any, src: SourceSpec) -> Iterator[str]:
                 yield text
 
 
+DOCUMENT_BATCH_CHARS = 1 << 20
+"""Characters of whole documents a curation step takes at once: numpy's and the libraries' per-call cost
+amortized, memory bounded."""
+
+
+def whole_documents(frags: Iterator[Fragment]) -> Iterator[str]:
+    """Each document of a source's fragments joined whole, as every curation step judges it."""
+    parts: list[str] = []
+    for text, end in frags:
+        parts.append(text)
+        if end:
+            yield "".join(parts)
+            parts = []
+    if parts:
+        yield "".join(parts)
+
+
+def document_batches(frags: Iterator[Fragment], chars: int = DOCUMENT_BATCH_CHARS) -> Iterator[list[str]]:
+    """Whole documents in batches of about `chars` characters (a document longer than that is a batch)."""
+    batch: list[str] = []
+    size = 0
+    for doc in whole_documents(frags):
+        batch.append(doc)
+        size += len(doc)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def fragments(source: Source, *, invalid_utf8: str, chunk: int | None, stats: ReadStats) -> Iterator[Fragment]:
     """The source's documents in order, as (text piece, ends document) pairs; empty documents are
     skipped and counted. chunk=None keeps every document whole (tokenizers that are not chunk-safe)."""

@@ -29,10 +29,8 @@ from ...errors import UserError
 from ...evaluation.tasks import get_tasks, queries
 from ..curation import DecontaminateConfig
 from ..ngrams import WordHasher, example_grams, gram_hashes, task_n, word_spans
-from ..sources import Fragment
+from ..sources import Fragment, document_batches
 
-_BATCH_CHARS = 1 << 20
-"""Characters of documents cut together: numpy's per-call cost amortized, memory bounded."""
 VERSION = 1
 """Part of a source's settings: bump when the step removes other text from the same input."""
 
@@ -176,21 +174,8 @@ class Decontaminator:
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
         """The source's fragments with each document (joined from its fragments) cut, each piece kept as a
         document of its own. Documents go through cut_many about a megabyte at a time."""
-        parts: list[str] = []
-        batch: list[str] = []
-        size = 0
-        for text, end in frags:
-            parts.append(text)
-            if end:
-                batch.append("".join(parts))
-                size += len(batch[-1])
-                parts = []
-            if size >= _BATCH_CHARS:
-                yield from self._emit(batch)
-                batch, size = [], 0
-        if parts:
-            batch.append("".join(parts))
-        yield from self._emit(batch)
+        for batch in document_batches(frags):
+            yield from self._emit(batch)
 
     def _emit(self, batch: list[str]) -> Iterator[Fragment]:
         for pieces in self.cut_many(batch) if batch else []:

@@ -63,8 +63,6 @@ DROPPED_SAMPLE = 100
 """Dropped documents kept in the report for `scalegpt inspect` (the first ones, in the source's order)."""
 DROPPED_CHARS = 400
 """Characters kept of each dropped document in the report."""
-_BATCH_CHARS = 1 << 20
-"""Characters of documents scored together: the vectorizer's per-call cost amortized, memory bounded."""
 
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -581,21 +579,8 @@ class QualityFilter:
 
     def apply(self, frags: Iterator[src_mod.Fragment]) -> Iterator[src_mod.Fragment]:
         """The source's kept documents, each whole (joined from its fragments), scored about a megabyte at a time."""
-        parts: list[str] = []
-        batch: list[str] = []
-        size = 0
-        for text, end in frags:
-            parts.append(text)
-            if end:
-                batch.append("".join(parts))
-                size += len(batch[-1])
-                parts = []
-            if size >= _BATCH_CHARS:
-                yield from self._emit(batch)
-                batch, size = [], 0
-        if parts:
-            batch.append("".join(parts))
-        yield from self._emit(batch)
+        for batch in src_mod.document_batches(frags):
+            yield from self._emit(batch)
 
     def _emit(self, batch: list[str]) -> Iterator[src_mod.Fragment]:
         if batch:

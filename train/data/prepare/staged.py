@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,15 +146,3 @@ class Staged:
 
     def get(self, name: str, docs: Sequence[str]) -> np.ndarray:
         return np.asarray(self.arrays[name][self.rows(docs)])
-
-
-def documents(frags: Iterator[tuple[str, bool]]) -> Iterator[str]:
-    """Whole documents from a source's fragments, as every curation step joins them."""
-    parts: list[str] = []
-    for text, end in frags:
-        parts.append(text)
-        if end:
-            yield "".join(parts)
-            parts = []
-    if parts:
-        yield "".join(parts)
