@@ -1,7 +1,8 @@
 """Presets as a user meets them: found by name from any directory, GPT-2's tokenizer by name, corpora
 downloaded and checked against their sha256, the SCALEGPT_DATA_ROOT mirror that keeps CI offline, and the
 paper's curation as the gpt3 and curated-mix presets declare it (curated-mix prepared offline, its rows
-checked against the files)."""
+checked against the files; the gpt3 stand-ins with WebText2 pages copied into the crawl, where dedup drops
+the crawl's copies and keeps WebText2's)."""
 
 from __future__ import annotations
 
@@ -340,6 +341,10 @@ def test_gpt3_preset_on_stand_ins_filters_dedups_and_decontaminates_as_declared(
     assert sum(d in (webtext[10], webtext[-1]) for d in decoded["webtext2"]) == 1
     row = entries["webtext2"]["curation"]["decontaminate"]
     assert row["matches"] >= 1 and row["touched"] == 1 and row["documents"] == len(webtext) - 1
+    table2_2 = {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08, "books2": 0.08, "wikipedia": 0.03}
+    mixture = out.split("mixture of 5 sources")[1].splitlines()[2:7]  # the printed weights: Table 2.2's, by name
+    printed = {cells[0]: (float(cells[3]), cells[4]) for cells in (line.split() for line in mixture)}
+    assert printed == {n: (w, f"{100 * w / sum(table2_2.values()):.2f}%") for n, w in table2_2.items()}
     assert not any(planted in d for d in decoded["webtext2"])
     assert planted in webtext[0] and "  webtext2: decontaminated: " in out
 
