@@ -275,7 +275,7 @@ def test_gpt3_preset_needs_user_paths(preset_run, tmp_path: Path, capsys) -> Non
     run = preset_run("gpt3")
     code = main(["prepare", str(run), f"data.dir={tmp_path / 'p'}", "model.vocab_size=50257"])
     err = capsys.readouterr().err
-    assert code == 2 and "source 'common_crawl'" in err and "/path/to/common_crawl/" in err
+    assert code == 2 and "source 'webtext2'" in err and "/path/to/webtext2/" in err
     assert not (tmp_path / "p").exists()
 
 

@@ -1,7 +1,8 @@
 """Presets as a user meets them: found by name from any directory, GPT-2's tokenizer by name, corpora
 downloaded and checked against their sha256, the SCALEGPT_DATA_ROOT mirror that keeps CI offline, and the
 paper's curation as the gpt3 and curated-mix presets declare it (curated-mix prepared offline, its rows
-checked against the files)."""
+checked against the files; the gpt3 stand-ins with WebText2 pages copied into the crawl, where dedup drops
+the crawl's copies and keeps WebText2's)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from scalegpt.launch.cli import main
 from scalegpt.train.config.loading import PACKAGED_CONFIGS, load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data import sources as src_mod
-from scalegpt.train.data.prepare import decontaminate, quality
+from scalegpt.train.data.prepare import decontaminate, dedup, quality
 from scalegpt.train.data.tokenizer import EOT, PACKAGED_TOKENIZERS, load_tokenizer
 from scalegpt.train.errors import UserError
 from scalegpt.train.evaluation.tasks import TASKS, queries
@@ -225,69 +226,147 @@ def test_gpt3_preset_declares_the_papers_curation_and_stops_at_its_placeholder(t
     run = preset_run(tmp_path, "gpt3")
     cfg = load_config(run)
     names = [s.name for s in cfg.data.sources]
-    assert names == ["common_crawl", "webtext2", "books1", "books2", "wikipedia"]
-    crawl = cfg.data.sources[0].curation.quality
+    assert names == ["webtext2", "books1", "books2", "wikipedia", "common_crawl"]  # ranked for dedup: crawl last
+    weights = {s.name: s.weight for s in cfg.data.sources}  # Table 2.2, by name whatever the order
+    assert weights == {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08, "books2": 0.08, "wikipedia": 0.03}
+    crawl = cfg.data.sources[-1].curation.quality
     assert crawl.positives == ["webtext2", "books1", "books2", "wikipedia"]  # Appendix A
     assert crawl.negatives == [] and crawl.keep == "pareto" and crawl.alpha == 9.0  # against the raw crawl itself
-    assert not any(s.curation.quality.positives or s.curation.quality.classifier for s in cfg.data.sources[1:])
+    assert not any(s.curation.quality.positives or s.curation.quality.classifier for s in cfg.data.sources[:-1])
+    dedups = [s.curation.dedup for s in cfg.data.sources]
+    assert all(d.within for d in dedups) and [d.against for d in dedups] == [[], [], [], [], ["webtext2"]]
+    dedup.check_against(dedups, names)  # every source named in against is deduplicated alike
     for i, s in enumerate(cfg.data.sources):  # the checks prepare runs once the paths resolve
         key = f"data.sources.{i}.curation"
         assert decontaminate.check(s.curation.decontaminate, f"{key}.decontaminate") == list(TASKS), s.name
         quality.check(s.curation.quality, f"{key}.quality", cfg.data, s.name)
+        assert dedup.check(s.curation.dedup, f"{key}.dedup", names, i), s.name
     line = one_error_line(capsys, ["prepare", str(run), "model.vocab_size=50257", f"data.dir={tmp_path / 'p'}"])
-    assert "source 'common_crawl': path '/path/to/common_crawl/*.jsonl' matches no files" in line
+    assert "source 'webtext2': path '/path/to/webtext2/*.jsonl' matches no files" in line
     assert not (tmp_path / "p").exists()
 
 
-def test_gpt3_preset_on_stand_ins_filters_the_crawl_against_itself_and_decontaminates(tmp_path: Path, capsys) -> None:
-    """The preset's curation run as declared, its placeholder paths pointed at small generated stand-ins."""
+def near_copy(doc: str, rng: random.Random) -> str:
+    """doc as another site carries it: one word in 40 changed and a boilerplate line added (a Jaccard of
+    about 0.8 on 3-word shingles, well above dedup's threshold)."""
+    words = doc.split(" ")
+    for i in rng.sample(range(len(words)), max(1, len(words) // 40)):
+        words[i] = "edited"
+    return " ".join(words) + "\nShare this article with your friends."
+
+
+def check_dedup_row(row: dict, received: list[str]) -> None:
+    """A dedup row against a second count: what the step received, and its drops adding up to its kept."""
+    assert row["documents"] == len(received) and row["bytes"] == sum(len(d.encode()) for d in received)
+    dropped = row["dropped_exact"] + row["dropped_fuzzy"] + sum(row["dropped_against"].values())
+    assert row["kept"] == row["documents"] - dropped
+
+
+def test_gpt3_preset_on_stand_ins_filters_dedups_and_decontaminates_as_declared(tmp_path: Path, capsys) -> None:
+    """The preset's curation run as declared, its placeholder paths pointed at small generated stand-ins,
+    with near-copies of WebText2 documents planted in the crawl: the crawl's copies go, WebText2's stay."""
     planted = queries(TASKS["2D+"], 1000, 1234)[0].line  # a test query of `scalegpt eval`'s default seed
-    crawl = [*builtin.generate("prose", 0.06, seed=5), *builtin.generate("junk", 0.06, seed=6)]
+    paragraphs = list(builtin.generate("prose", 0.03, seed=1))
+    webtext = ["\n\n".join(paragraphs[i : i + 6]) for i in range(0, len(paragraphs), 6)]  # web pages
+    webtext[0] = f"{paragraphs[0]} {planted} {paragraphs[0]}"
+    webtext.append(webtext[10].replace("\n\n", "\n"))  # the same words again: an exact duplicate within
+    rng = random.Random(3)
+    copied = webtext[1:9]
+    copies = [near_copy(d, rng) for d in copied]
+    crawl = [*builtin.generate("prose", 0.02, seed=5), *builtin.generate("junk", 0.06, seed=6), *copies]
     random.Random(0).shuffle(crawl)
-    webtext = list(builtin.generate("prose", 0.03, seed=1))
-    webtext[0] = f"{webtext[0]} {planted} {webtext[0]}"
     stand_ins = {
-        "common_crawl": crawl,
         "webtext2": webtext,
         "books1": list(builtin.generate("prose", 0.03, seed=2)),
         "books2": list(builtin.generate("prose", 0.03, seed=3)),
         "wikipedia": list(builtin.generate("prose", 0.03, seed=4)),
+        "common_crawl": crawl,
     }
     paths = []
     for i, (name, docs) in enumerate(stand_ins.items()):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
         paths.append(f"data.sources.{i}.path={tmp_path / f'{name}.jsonl'}")
+    # A classifier trained on these few pages scores prose about 0.5-0.8, where pareto(9) keeps one page in
+    # ten or fewer: the copies would all go before dedup sees them. A threshold lets prose through to it.
+    rule = ["data.sources.4.curation.quality.keep=threshold", "data.sources.4.curation.quality.threshold=0.5"]
     data = tmp_path / "p"
     run = preset_run(tmp_path, "gpt3")
-    assert main(["prepare", str(run), *paths, "model.vocab_size=50257", f"data.dir={data}"]) == 0
+    assert main(["prepare", str(run), *paths, *rule, "model.vocab_size=50257", f"data.dir={data}"]) == 0
     out = capsys.readouterr().out
     manifest = json.loads((data / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["sources"]}
     assert list(entries) == list(stand_ins)
+    decoded = {name: decoded_documents(data, manifest, e) for name, e in entries.items()}
+    for name, e in entries.items():  # every source's rows chain, and the last equals its token file
+        assert e["settings"]["curation"]["decontaminate"]["tasks"] == list(TASKS), name
+        rows = e["curation"]
+        received = stand_ins[name]
+        if name == "common_crawl":
+            q = rows["quality"]
+            assert q["documents"] == len(crawl) and q["kept"] == q["documents"] - q["dropped"] > 0
+            assert rows["dedup"]["documents"] == q["kept"] and rows["dedup"]["bytes"] == q["bytes_kept"]
+        else:
+            assert "quality" not in rows, name
+            check_dedup_row(rows["dedup"], received)
+        d, c = rows["dedup"], rows["decontaminate"]
+        dropped = d["dropped_exact"] + d["dropped_fuzzy"] + sum(d["dropped_against"].values())
+        assert d["kept"] == d["documents"] - dropped and list(d["dropped_against"]) == (
+            ["webtext2"] if name == "common_crawl" else []
+        ), name
+        assert c["documents"] == d["kept"] and c["bytes"] == d["bytes_kept"], name
+        assert c["pieces"] == len(decoded[name]) == e["documents"], name
+        assert f"  {name}: deduplicated: {d['kept']:,} of {d['documents']:,} documents kept" in out, name
+
     saved = json.loads((data / "curation" / "quality-common_crawl.json").read_text())
     positives = ["webtext2", "books1", "books2", "wikipedia"]
     assert saved["training"]["sources"] == {"positives": positives, "negatives": ["common_crawl"]}
-    q = entries["common_crawl"]["curation"]["quality"]
-    kept = decoded_documents(data, manifest, entries["common_crawl"])
-    assert q["documents"] == len(crawl) and q["kept"] == q["documents"] - q["dropped"] == len(kept) > 0
-    assert set(kept) <= set(crawl) and q["rule"] == {"keep": "pareto", "alpha": 9.0}
-    for name, e in entries.items():
-        assert e["settings"]["curation"]["decontaminate"]["tasks"] == list(TASKS), name
+    assert entries["common_crawl"]["curation"]["quality"]["rule"] == {"keep": "threshold", "threshold": 0.5}
+    kept_crawl = set(decoded["common_crawl"])
+    assert kept_crawl <= set(crawl) and not kept_crawl & set(copies)  # no planted copy reaches the tokens
+    assert set(copied) <= set(decoded["webtext2"])  # WebText2 keeps its own copy
+    # the crawl's copies that passed the quality filter are the ones dropped against webtext2, each
+    # named with the webtext2 document it copies
+    against = entries["common_crawl"]["curation"]["dedup"]["dropped_against"]["webtext2"]
+    samples = data / entries["common_crawl"]["curation"]["dedup"]["samples"]
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    by_webtext = [r for r in records if r["reason"] == "against:webtext2"]
+    assert 1 <= against == len(by_webtext) <= len(copies)
+    for r in by_webtext:
+        (i,) = [i for i, c in enumerate(copies) if c.startswith(r["excerpt"])]
+        assert r["kept"]["source"] == "webtext2" and copied[i].startswith(r["kept"]["excerpt"])
+        assert r["jaccard"] >= 0.5
+
+    within = entries["webtext2"]["curation"]["dedup"]
+    assert (within["dropped_exact"], within["dropped_fuzzy"]) == (1, 0)
+    assert sum(d in (webtext[10], webtext[-1]) for d in decoded["webtext2"]) == 1
     row = entries["webtext2"]["curation"]["decontaminate"]
-    assert row["matches"] >= 1 and row["touched"] == 1 and row["documents"] == len(webtext)
-    assert not any(planted in d for d in decoded_documents(data, manifest, entries["webtext2"]))
+    assert row["matches"] >= 1 and row["touched"] == 1 and row["documents"] == len(webtext) - 1
+    table2_2 = {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08, "books2": 0.08, "wikipedia": 0.03}
+    mixture = out.split("mixture of 5 sources")[1].splitlines()[2:7]  # the printed weights: Table 2.2's, by name
+    printed = {cells[0]: (float(cells[3]), cells[4]) for cells in (line.split() for line in mixture)}
+    assert printed == {n: (w, f"{100 * w / sum(table2_2.values()):.2f}%") for n, w in table2_2.items()}
+    assert not any(planted in d for d in decoded["webtext2"])
     assert planted in webtext[0] and "  webtext2: decontaminated: " in out
 
 
 def test_curated_mix_reads_the_web_a_line_a_document(shared_data: Path, tmp_path: Path, capsys) -> None:
     cfg = load_config(preset_run(tmp_path, "curated-mix"))
-    web = src_mod.resolve(cfg.data.sources[0])
-    assert cfg.data.sources[0].text_documents == "line" and [s.name for s in cfg.data.reference_sources] == ["junk"]
+    names = [s.name for s in cfg.data.sources]
+    assert names == ["books", "wiki", "web", "drama", "code"]  # ranked for dedup: the books and wiki keep theirs
+    weights = {s.name: s.weight for s in cfg.data.sources}  # real-mix's mixture, whatever the order
+    assert weights == {s.name: s.weight for s in load_config(preset_run(tmp_path, "real-mix")).data.sources}
+    dedups = [s.curation.dedup for s in cfg.data.sources]
+    assert all(d.within for d in dedups) and [d.against for d in dedups] == [[], [], ["books", "wiki"], [], []]
+    dedup.check_against(dedups, names)
+    assert all(dedup.check(d, f"data.sources.{i}.curation.dedup", names, i) for i, d in enumerate(dedups))
+    web_cfg = cfg.data.sources[2]
+    web = src_mod.resolve(web_cfg)
+    assert web_cfg.text_documents == "line" and [s.name for s in cfg.data.reference_sources] == ["junk"]
     docs = [text for text, _ in src_mod.fragments(web, invalid_utf8="skip", chunk=4096, stats=src_mod.ReadStats())]
     lines = (shared_data / "corpora" / "web_fineweb_edu_sample.txt").read_text().splitlines()
     assert docs == [line for line in lines if line.strip()] and len(docs) > 4000
     bad = [
-        ("data.sources.0.text_documents=page", "data.sources.0.text_documents in the command line: must be 'file' or"),
+        ("data.sources.2.text_documents=page", "data.sources.2.text_documents in the command line: must be 'file' or"),
         ("data.reference_sources.0.text_documents=line", "applies to path: sources only (source 'junk')"),
     ]
     for override, message in bad:
@@ -308,7 +387,7 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
     out = capsys.readouterr().out
     manifest = json.loads((data / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["sources"]}
-    assert list(entries) == ["web", "books", "wiki", "drama", "code"]  # the junk is read, never tokenized
+    assert list(entries) == ["books", "wiki", "web", "drama", "code"]  # the junk is read, never tokenized
     assert sorted(p.name for p in data.glob("*.bin")) == sorted(f"{n}.bin" for n in entries)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     corpora = shared_data / "corpora"
@@ -325,22 +404,38 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
         tokens = (data / e["file"]).stat().st_size // itemsize
         assert e["tokens"] == tokens == e["train"]["tokens"] + e["val"]["tokens"], name
         assert e["documents"] == len(docs) and not junk & set(docs), name
+        d = e["curation"]["dedup"]
+        dropped = d["dropped_exact"] + d["dropped_fuzzy"] + sum(d["dropped_against"].values())
+        assert d["kept"] == d["documents"] - dropped and d["bytes_kept"] <= d["bytes"], name
+        assert list(d["dropped_against"]) == (["books", "wiki"] if name == "web" else []), name
+        assert f"  {name}: deduplicated: {d['kept']:,} of {d['documents']:,} documents kept" in out
         row = e["curation"]["decontaminate"]
-        into = docs if name == "web" else inputs[name]  # the web is filtered by quality first
-        assert row["documents"] == len(into) and row["bytes"] == sum(len(d.encode()) for d in into), name
+        into = docs  # nothing matches, so decontamination receives what it writes: dedup's kept documents
+        assert row["documents"] == len(into) == d["kept"] and row["bytes"] == sum(len(x.encode()) for x in into)
+        assert row["bytes"] == d["bytes_kept"], name
         assert row["matches"] == 0 and row["pieces"] == len(docs) and row["bytes_kept"] == row["bytes"], name
         assert f"  {name}: decontaminated: 0 matches in 0 of {len(into):,} documents" in out
-        if name != "web":
-            assert docs == inputs[name] and "quality" not in e["curation"], name
+        if name != "web":  # a few whole files each, none a copy of another
+            assert d["documents"] == len(inputs[name]) and d["bytes"] == sum(len(x.encode()) for x in inputs[name])
+            assert dropped == 0 and docs == inputs[name] and "quality" not in e["curation"], name
 
     q = entries["web"]["curation"]["quality"]
     web, kept = inputs["web"], decoded_documents(data, manifest, entries["web"])
-    assert q["documents"] == len(web) and q["bytes"] == sum(len(d.encode()) for d in web)
-    assert q["kept"] == q["documents"] - q["dropped"] == len(kept) and 0 < len(kept) < len(web)
-    assert q["bytes_kept"] == sum(len(d.encode()) for d in kept) and set(kept) <= set(web)
-    assert sum(q["histogram"]) == len(web) and sum(q["kept_histogram"]) == len(kept)
+    d = entries["web"]["curation"]["dedup"]
+    assert q["documents"] == len(web) and q["bytes"] == sum(len(x.encode()) for x in web)
+    assert q["kept"] == q["documents"] - q["dropped"] == d["documents"] and q["bytes_kept"] == d["bytes"]
+    assert 0 < len(kept) == d["kept"] <= q["kept"] < len(web) and set(kept) <= set(web)
+    assert sum(q["histogram"]) == len(web) and sum(q["kept_histogram"]) == q["kept"]
+    assert len({dedup.normalize(x) for x in kept}) == len(kept)  # no two kept lines with the same words
+    samples = [json.loads(line) for line in (data / d["samples"]).read_text().splitlines()]
+    assert len(samples) == min(q["kept"] - d["kept"], 100)  # the sample holds the first 100 dropped
+    for r in samples:  # each dropped line names the kept one it copies, found where it says
+        assert r["kept"]["source"] == ("web" if r["reason"] in ("exact", "fuzzy") else r["reason"][len("against:") :])
+        assert r["jaccard"] >= 0.5 and (r["reason"] != "exact" or r["jaccard"] == 1.0)
+        if r["kept"]["source"] == "web":
+            assert any(x.startswith(r["kept"]["excerpt"]) for x in kept)
     saved = json.loads((data / "curation" / "quality-web.json").read_text())
     assert saved["training"]["sources"] == {"positives": ["books", "wiki"], "negatives": ["junk"]}
     assert saved["metrics"]["auc"] >= 0.95 and f"held-out AUC {saved['metrics']['auc']:.4f}" in out
-    assert f"web: quality filter: kept {len(kept):,} of {len(web):,} documents" in out
+    assert f"web: quality filter: kept {q['kept']:,} of {len(web):,} documents" in out
     assert f"mixture of 5 sources in {data}" in out
