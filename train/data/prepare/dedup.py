@@ -18,8 +18,14 @@ are its exact copies.
 
 Memory stays bounded: a first pass spools the documents to the scratch folder and writes each one's
 signature and band keys there, the keys partitioned by their top bits into KEY_PARTITIONS files handled one
-at a time, and its hashes likewise; in memory stay 14 bytes per document. The second pass reads the spool back and
-yields the documents kept. A deduplicated source's index (its kept documents' band keys, signatures,
+at a time, and its hashes likewise. Deciding holds the arrays that are read and written by document number
+in no order (rank, link, keep, reason and the union-find's parent: 14 bytes a document, 9 MB at 656k
+documents; mapped from a file they would be as resident); everything else it holds is of a fixed size
+(signatures compared _SIG_CHUNK pairs at a time, drops applied a slice of documents at a time) or a key
+partition's worth. Then only the sample's reasons and links are kept, and the second pass reads the spool
+back and yields the documents kept (holding rank, reused as the index's numbering, and keep: 5 bytes a
+document). With the heap trimmed as it goes, the step's peak is the first pass's batches (~113 MB) up to
+2 GB of input. A deduplicated source's index (its kept documents' band keys, signatures,
 hashes and excerpts) is then written, as a folder renamed into place, to data.dir/curation/<source>.dedup,
 where a later source deduplicated against it reads it; its fingerprint is part of that source's settings.
 """
@@ -54,7 +60,7 @@ KEY_PARTITIONS = 256
 DOC_PARTITIONS = 64
 """Files of (normalized-text hash, raw-text hash, document) records, by the hash's top bits."""
 _TRIM_EVERY = 8
-"""Batches of the first pass between two trims of the heap (each costs a few milliseconds)."""
+"""Batches of the first pass, or key partitions, between two trims of the heap (each costs a few milliseconds)."""
 _BATCH_CHARS = 1 << 20
 """Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
 _RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
@@ -388,7 +394,8 @@ class Deduplicator:
     """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival.
 
     In memory stay a few numbers per document (rank, link, keep, reason and, while clustering, the
-    union-find: 14 bytes a document); the rest is read from the scratch folder a partition at a time."""
+    union-find: 14 bytes a document, 5 once decided); the rest is read from the scratch folder a partition
+    or a chunk at a time."""
 
     def __init__(self, job: DedupJob, name: str, work: Path, data_dir: Path) -> None:
         self.job, self.cfg, self.name = job, job.cfg, name
@@ -552,7 +559,9 @@ class Deduplicator:
         alive = self.keep
         n = len(alive)
         parent = np.arange(n, dtype=np.int32)
-        for path in self.keys:
+        for p, path in enumerate(self.keys):
+            if p % _TRIM_EVERY == 0:
+                _trim()  # each partition's arrays, freed, would otherwise stay in the heap as it grows
             rec = _read(path, _RECORD)
             pairs = _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
             if not len(pairs):
