@@ -277,3 +277,22 @@ def test_short_documents_and_an_empty_source(tmp_path: Path) -> None:
     assert (step.stats.dropped_exact, step.stats.dropped_fuzzy) == (2, 0)
     kept, step = run_step([], tmp_path / "empty")
     assert kept == [] and step.stats.documents == 0 and (tmp_path / "empty" / "index" / "meta.json").is_file()
+
+
+def test_estimated_jaccard_is_the_same_across_chunks(tmp_path: Path) -> None:
+    """Signatures are compared _SIG_CHUNK pairs at a time, read from their file: each pair's estimate is the
+    fraction of equal values, computed here at once from the whole matrix."""
+    from scalegpt.train.data.prepare.dedup import _SIG_CHUNK, _jaccard, _SigFile
+
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 4, size=(300, 16), dtype=np.uint32)  # few values, so pairs agree on some of them
+    sig.tofile(tmp_path / "sigs.u32")
+    pairs = rng.integers(0, 300, size=(2 * _SIG_CHUNK + 7, 2))
+    pairs[::100, 1] = pairs[::100, 0]  # a document with itself, in every chunk
+    rows = _SigFile(tmp_path / "sigs.u32", 16)
+    try:
+        got = _jaccard(rows, rows, pairs)
+    finally:
+        rows.close()
+    assert np.array_equal(got, (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1))
+    assert got.min() < 0.5 < got.max() == 1.0

@@ -18,8 +18,14 @@ are its exact copies.
 
 Memory stays bounded: a first pass spools the documents to the scratch folder and writes each one's
 signature and band keys there, the keys partitioned by their top bits into KEY_PARTITIONS files handled one
-at a time, and its hashes likewise; in memory stay 14 bytes per document. The second pass reads the spool back and
-yields the documents kept. A deduplicated source's index (its kept documents' band keys, signatures,
+at a time, and its hashes likewise. Deciding holds the arrays that are read and written by document number
+in no order (rank, link, keep, reason and the union-find's parent: 14 bytes a document, 9 MB at 656k
+documents; mapped from a file they would be as resident); everything else it holds is of a fixed size
+(signatures compared _SIG_CHUNK pairs at a time, drops applied a slice of documents at a time) or a key
+partition's worth. Then only the sample's reasons and links are kept, and the second pass reads the spool
+back and yields the documents kept (holding rank, reused as the index's numbering, and keep: 5 bytes a
+document). With the heap trimmed as it goes, the step's peak is the first pass's batches (~113 MB) up to
+2 GB of input. A deduplicated source's index (its kept documents' band keys, signatures,
 hashes and excerpts) is then written, as a folder renamed into place, to data.dir/curation/<source>.dedup,
 where a later source deduplicated against it reads it; its fingerprint is part of that source's settings.
 """
@@ -55,7 +61,7 @@ KEY_PARTITIONS = 256
 DOC_PARTITIONS = 64
 """Files of (normalized-text hash, raw-text hash, document) records, by the hash's top bits."""
 _TRIM_EVERY = 8
-"""Batches of the first pass between two trims of the heap (each costs a few milliseconds)."""
+"""Batches of the first pass, or key partitions, between two trims of the heap (each costs a few milliseconds)."""
 _BATCH_CHARS = 1 << 20
 """Characters of documents hashed together: rensa's and numpy's per-call cost amortized, memory bounded."""
 _RECORD = np.dtype([("key", "<u8"), ("doc", "<u4")])
@@ -336,13 +342,16 @@ class _SigFile:
 
 
 _PAIR_CHUNK = 8192
+_SIG_CHUNK = 1024
+"""Pairs whose signatures are in memory at once (0.5 KB a row, four copies): a fixed 2 MB, so that the step's
+peak does not follow how many candidates a key partition yields."""
 
 
 def _jaccard(a: _SigFile, b: _SigFile, pairs: np.ndarray) -> np.ndarray:
     """Estimated Jaccard of each (row in a, row in b) pair, reading a chunk of rows at a time."""
     out = np.empty(len(pairs), dtype=np.float64)
-    for s in range(0, len(pairs), _PAIR_CHUNK):
-        chunk = pairs[s : s + _PAIR_CHUNK]
+    for s in range(0, len(pairs), _SIG_CHUNK):
+        chunk = pairs[s : s + _SIG_CHUNK]
         ua, ia = np.unique(chunk[:, 0], return_inverse=True)
         ub, ib = np.unique(chunk[:, 1], return_inverse=True)
         out[s : s + len(chunk)] = (a.rows(ua)[ia] == b.rows(ub)[ib]).mean(axis=1)
@@ -407,7 +416,8 @@ class Deduplicator:
     """The step for one source: `apply(fragments)` yields the kept documents, in their order of arrival.
 
     In memory stay a few numbers per document (rank, link, keep, reason and, while clustering, the
-    union-find: 14 bytes a document); the rest is read from the scratch folder a partition at a time."""
+    union-find: 14 bytes a document, 5 once decided); the rest is read from the scratch folder a partition
+    or a chunk at a time."""
 
     def __init__(self, job: DedupJob, name: str, work: Path, data_dir: Path) -> None:
         self.job, self.cfg, self.name = job, job.cfg, name
@@ -511,11 +521,7 @@ class Deduplicator:
                 self.stats.dropped_exact = int(exact.sum())
                 del exact, is_rep  # the kept documents are the representatives now
                 _trim()
-                docs, roots = self._clusters(sigs, self.keep)
-                self.keep[docs] = False
-                self.reason[docs] = 2
-                self.link[docs] = roots
-                self.stats.dropped_fuzzy = len(docs)
+                self.stats.dropped_fuzzy = self._drop_fuzzy(sigs)
         finally:
             sigs.close()
 
@@ -565,15 +571,19 @@ class Deduplicator:
         first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]) if len(pairs) else np.empty(0, bool)
         return pairs[first, 0], pairs[first, 1]
 
-    def _clusters(self, sigs: _SigFile, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The documents in a cluster whose keeper (its lowest-ranked member) is another, and that keeper.
+    def _drop_fuzzy(self, sigs: _SigFile) -> int:
+        """Drop each kept document in a cluster whose keeper (its lowest-ranked member) is another, linking it to
+        that keeper; return how many were dropped.
 
         One union-find over the source (4 bytes a document), fed a key partition at a time: a candidate pair
         already in one cluster is not verified again, so a pair found in many bands costs one check, and no
         set of pairs is held."""
+        alive = self.keep
         n = len(alive)
         parent = np.arange(n, dtype=np.int32)
-        for path in self.keys:
+        for p, path in enumerate(self.keys):
+            if p % _TRIM_EVERY == 0:
+                _trim()  # each partition's arrays, freed, would otherwise stay in the heap as it grows
             rec = _read(path, _RECORD)
             pairs = _bucket_pairs(rec[alive[rec["doc"]]], self.rank)
             if not len(pairs):
@@ -589,13 +599,16 @@ class Deduplicator:
                             parent[rb] = ra
                         else:
                             parent[ra] = rb
-        moved, keepers = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-        for s in range(0, n, 1 << 16):  # a slice at a time: no second array as long as the source
+        dropped = 0
+        for s in range(0, n, 1 << 16):  # a slice at a time: no array of the dropped as long as the source
             nodes = np.arange(s, min(n, s + (1 << 16)), dtype=np.int32)
             roots = _roots(parent, nodes)
-            moved.append(nodes[roots != nodes].astype(np.int64))
-            keepers.append(roots[roots != nodes].astype(np.int64))
-        return np.concatenate(moved), np.concatenate(keepers)
+            moved = roots != nodes
+            self.keep[nodes[moved]] = False
+            self.reason[nodes[moved]] = 2
+            self.link[nodes[moved]] = roots[moved]
+            dropped += int(moved.sum())
+        return dropped
 
     # pass 2 ----------------------------------------------------------------------------------------------
     def apply(self, frags: Iterator[Fragment]) -> Iterator[Fragment]:
@@ -607,8 +620,10 @@ class Deduplicator:
             self._decide(n)
             s = self.stats
             s.kept = int(self.keep.sum())
-            sample = self._sample()
-            want = set(sample.tolist()) | {int(self.link[d]) for d in sample if self.reason[d] in (1, 2)}
+            sample = {int(d): (int(self.reason[d]), int(self.link[d])) for d in self._sample()}
+            del self.reason, self.link  # the rest of the step needs them for the sample alone
+            _trim()
+            want = set(sample) | {k for r, k in sample.values() if r in (1, 2)}
             index_of = self.rank  # no longer needed: it becomes the kept documents' numbers, in rank order
             index_of[:] = -1
             offset = 0
@@ -653,9 +668,10 @@ class Deduplicator:
                 yield f.read(size).decode("utf-8"), size
 
     # the index -------------------------------------------------------------------------------------------
-    def _write_index(self, index_of: np.ndarray, sample: np.ndarray, excerpts: dict[int, str]) -> None:
+    def _write_index(self, index_of: np.ndarray, sample: dict[int, tuple[int, int]], excerpts: dict[int, str]) -> None:
         """The kept documents' keys (sorted per partition), signatures, hashes and excerpts, numbered in rank
-        order, and the sample of dropped documents; built in the scratch folder, then renamed into place."""
+        order, and the sample of dropped documents (document -> (reason, link)); built in the scratch folder,
+        then renamed into place."""
         tmp = self.work / "index"
         (tmp / "keys").mkdir()
         for path in self.keys:
@@ -664,7 +680,7 @@ class Deduplicator:
             rec["doc"] = index_of[rec["doc"]]
             rec[np.lexsort((rec["doc"], rec["key"]))].tofile(tmp / "keys" / path.name)
         chash: dict[int, int] = {}
-        want = np.array(sorted(set(sample.tolist()) | {int(self.link[d]) for d in sample}), dtype=np.int64)
+        want = np.array(sorted(set(sample) | {k for _, k in sample.values()}), dtype=np.int64)
         src = _SigFile(self.work / "sigs.u32", self.cfg.num_hashes)
         try:
             with open(tmp / "sigs.u32", "wb") as sigs, open(tmp / "chash.u64", "wb") as hashes:
@@ -674,9 +690,9 @@ class Deduplicator:
                     chash.update(zip(rec["doc"][hit].tolist(), rec["chash"][hit].tolist(), strict=True))
                     rec = rec[self.keep[rec["doc"]]]
                     hashes.write(rec["chash"].tobytes())
-                    for s in range(0, len(rec), _PAIR_CHUNK):
-                        sigs.write(src.rows(rec["doc"][s : s + _PAIR_CHUNK].astype(np.int64)).tobytes())
-            lines = [self._sample_line(int(d), chash, excerpts, src) for d in sample]
+                    for s in range(0, len(rec), _SIG_CHUNK):
+                        sigs.write(src.rows(rec["doc"][s : s + _SIG_CHUNK].astype(np.int64)).tobytes())
+            lines = [self._sample_line(d, r, k, chash, excerpts, src) for d, (r, k) in sample.items()]
         finally:
             src.close()
         (tmp / "dropped.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -691,9 +707,11 @@ class Deduplicator:
         shutil.rmtree(old, ignore_errors=True)
         self.stats.samples = str(final.relative_to(self.data_dir) / "dropped.jsonl")
 
-    def _sample_line(self, d: int, chash: dict[int, int], excerpts: dict[int, str], sigs: _SigFile) -> dict[str, Any]:
-        """One dropped document: its excerpt and hash, the kept document it duplicates, their estimated Jaccard."""
-        r, k = int(self.reason[d]), int(self.link[d])
+    def _sample_line(
+        self, d: int, r: int, k: int, chash: dict[int, int], excerpts: dict[int, str], sigs: _SigFile
+    ) -> dict[str, Any]:
+        """One dropped document d (dropped for reason r as a copy of k): its excerpt and hash, the kept document
+        it duplicates, their estimated Jaccard."""
         line: dict[str, Any] = {"excerpt": excerpts.get(d, ""), "hash": f"{chash[d]:016x}"}
         if r in (1, 2):
             jac = 1.0 if r == 1 else float(_jaccard(sigs, sigs, np.array([[d, k]]))[0])
