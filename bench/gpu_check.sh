@@ -29,7 +29,8 @@ WHEELS=(
     omegaconf==2.4.0
 )
 # Already on the image (the device tool's KINDS.md): what the packages above and scalegpt's training
-# path need besides. datasets, wandb and matplotlib are not imported by the benchmarks.
+# path need besides. datasets, wandb, matplotlib and the curation libraries (scikit-learn, rensa,
+# datatrove) are not imported by the benchmarks.
 IMAGE_HAS=(torch numpy packaging psutil py-cpuinfo tqdm einops msgpack ninja pyyaml tokenizers safetensors fsspec
     transformers)
 

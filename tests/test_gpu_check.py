@@ -15,7 +15,8 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 # scalegpt's own requirements that neither the training path nor the benchmarks import.
-NOT_IMPORTED = {"datasets", "wandb", "matplotlib"}
+NOT_IMPORTED = {"datasets", "wandb", "matplotlib", "scikit-learn", "sklearn", "rensa", "datatrove"}
+"""datasets reads sources; scikit-learn (module sklearn), rensa and datatrove serve curation only."""
 # The GPU image's Python and platform, against which requirement markers are evaluated.
 IMAGE_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "extra": ""}
 
