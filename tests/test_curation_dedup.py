@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tokenizers import Tokenizer
 
 from scalegpt.launch.cli import main
 from scalegpt.train.data.curation import DedupConfig
@@ -21,7 +20,7 @@ from scalegpt.train.data.mixture import read_manifest
 from scalegpt.train.data.planted import Planted, PlantedDoc, sentences
 from scalegpt.train.data.prepare.dedup import DedupJob, Deduplicator, normalize
 
-from helpers import one_error_line, write_config
+from helpers import decoded_documents, one_error_line, write_config
 
 CORPORA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "corpora"
 
@@ -108,18 +107,6 @@ def test_the_kept_documents_do_not_depend_on_their_order(pool: list[str], tmp_pa
 def write_jsonl(path: Path, docs: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
-
-
-def decoded_documents(data: Path, name: str) -> list[str]:
-    """A second look at what prepare kept: the source's token file split at <|endoftext|> and decoded."""
-    manifest = read_manifest(data)
-    assert manifest is not None
-    entry = next(e for e in manifest["sources"] if e["name"] == name)
-    ids = np.fromfile(data / entry["file"], dtype=manifest["dtype"])
-    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
-    ends = np.flatnonzero(ids == manifest["eot_id"])
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tok.decode(ids[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
 
 
 @pytest.fixture(scope="module")

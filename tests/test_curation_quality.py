@@ -33,7 +33,8 @@ from scalegpt.train.data import builtin
 from scalegpt.train.data import sources as src_mod
 from scalegpt.train.data.mixture import Mixture, read_manifest
 from scalegpt.train.data.prepare import quality
-from scalegpt.train.data.tokenizer import EOT, load_tokenizer
+
+from helpers import decoded_documents
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora"
 needs_corpora = pytest.mark.skipif(
@@ -227,16 +228,6 @@ def expected(data: Path, docs: list[str], rule: dict) -> tuple[np.ndarray, np.nd
     return u > 1 - (2 - scores) ** -rule["alpha"], scores
 
 
-def prepared_documents(data: Path, name: str) -> list[str]:
-    """A source's documents as its token file holds them (train and validation), decoded."""
-    manifest = read_manifest(data)
-    assert manifest is not None
-    entry = next(e for e in manifest["sources"] if e["name"] == name)
-    ids = np.fromfile(data / entry["file"], dtype=manifest["dtype"])
-    text = load_tokenizer(data / "tokenizer.json").decode(ids.tolist(), skip_special_tokens=False)
-    return text.split(EOT)[:-1]
-
-
 def crawl_entry(data: Path) -> dict:
     manifest = read_manifest(data)
     assert manifest is not None
@@ -249,7 +240,7 @@ def test_prepare_keeps_what_the_saved_classifier_scores(world: World) -> None:
     row = entry["curation"]["quality"]
     kept, scores = expected(world.data, world.docs, row["rule"])
     assert 0 < kept.sum() < len(world.docs)
-    assert prepared_documents(world.data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
+    assert decoded_documents(world.data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
     assert (row["documents"], row["kept"], row["dropped"]) == (len(world.docs), kept.sum(), (~kept).sum())
     assert row["bytes"] == sum(len(d.encode()) for d in world.docs)
     assert row["bytes_kept"] == sum(len(d.encode()) for d, k in zip(world.docs, kept, strict=True) if k)
@@ -273,7 +264,7 @@ def test_the_reference_junk_is_trained_against_and_never_tokenized(world: World)
     assert manifest is not None and [e["name"] for e in manifest["sources"]] == ["books", "wiki", "crawl"]
     assert sorted(p.name for p in world.data.glob("*.bin")) == ["books.bin", "crawl.bin", "wiki.bin"]
     kept, _ = expected(world.data, world.docs, crawl_entry(world.data)["curation"]["quality"]["rule"])
-    prepared = {name: prepared_documents(world.data, name) for name in ("books", "wiki", "crawl")}
+    prepared = {name: decoded_documents(world.data, name) for name in ("books", "wiki", "crawl")}
     assert prepared == {  # every token decodes to the mixture's own text, and nothing else
         "books": [(world.root / "books.txt").read_text()],
         "wiki": [(world.root / "wiki.txt").read_text()],
@@ -336,7 +327,7 @@ def test_saved_classifier_reused_whatever_the_order_and_workers(world: World, ca
     assert "trained a quality classifier" not in out and f"from {saved}" in out
     first, again = crawl_entry(world.data), crawl_entry(root / "data")
     assert again["settings"]["curation"] == first["settings"]["curation"]
-    assert sorted(prepared_documents(root / "data", "crawl")) == sorted(prepared_documents(world.data, "crawl"))
+    assert sorted(decoded_documents(root / "data", "crawl")) == sorted(decoded_documents(world.data, "crawl"))
     assert not (root / "data" / "curation" / "quality-crawl.json").exists()  # nothing trained, nothing saved
 
     over = [f"{QUALITY}.classifier={saved}", f"{QUALITY}.keep=threshold", f"{QUALITY}.threshold=0.9"]
@@ -344,7 +335,7 @@ def test_saved_classifier_reused_whatever_the_order_and_workers(world: World, ca
     assert "preparing 1 of 3 sources" in capsys.readouterr().out
     docs = [world.docs[i] for i in order]
     kept, _ = expected(world.data, docs, {"keep": "threshold", "threshold": 0.9})
-    assert prepared_documents(root / "data", "crawl") == [d for d, k in zip(docs, kept, strict=True) if k]
+    assert decoded_documents(root / "data", "crawl") == [d for d, k in zip(docs, kept, strict=True) if k]
     assert crawl_entry(root / "data")["settings"]["curation"]["quality"]["threshold"] == 0.9
 
 
@@ -440,5 +431,5 @@ def test_kill_9_after_the_filtered_source_resumes_without_filtering_it_again(wor
     row = crawl_entry(data)["curation"]["quality"]
     kept, _ = expected(data, world.docs, row["rule"])
     assert row["kept"] == kept.sum() and row["documents"] == len(world.docs)
-    assert prepared_documents(data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
+    assert decoded_documents(data, "crawl") == [d for d, k in zip(world.docs, kept, strict=True) if k]
     assert (data / row["figure"]).is_file() and (data / "curation" / "quality-crawl.json").is_file()

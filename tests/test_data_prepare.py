@@ -21,24 +21,13 @@ from scalegpt.train.data.prepare import ROW_CHARS, prepare
 from scalegpt.train.data.sources import resolve
 from scalegpt.train.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
-from helpers import story, write_config
+from helpers import decoded_documents, story, write_config
 
 
 def run_prepare(cfg_path: Path, *overrides: str) -> list[str]:
     out: list[str] = []
     prepare(load_config(cfg_path, list(overrides)), echo=out.append)
     return out
-
-
-def decoded_documents(data_dir: Path, name: str) -> list[str]:
-    """A source's token file split at EOT and decoded: the documents as prepared."""
-    m = json.loads((data_dir / "manifest.json").read_text())
-    e = next(s for s in m["sources"] if s["name"] == name)
-    ids = np.fromfile(data_dir / e["file"], dtype=m["dtype"])
-    assert ids[-1] == m["eot_id"]
-    tok = load_tokenizer(data_dir / "tokenizer.json")
-    cuts = np.flatnonzero(ids == m["eot_id"])
-    return [tok.decode(part.tolist()) for part in np.split(ids, cuts + 1)[:-1]]
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,12 @@ from scalegpt.train.config.loading import PACKAGED_CONFIGS, load_config
 from scalegpt.train.data import builtin
 from scalegpt.train.data import sources as src_mod
 from scalegpt.train.data.prepare import decontaminate, dedup, quality
-from scalegpt.train.data.tokenizer import EOT, PACKAGED_TOKENIZERS, load_tokenizer
+from scalegpt.train.data.tokenizer import PACKAGED_TOKENIZERS, load_tokenizer
 from scalegpt.train.errors import UserError
 from scalegpt.train.evaluation.tasks import TASKS, queries
 
 from conftest import CONFIGS
+from helpers import decoded_documents
 
 GPT2_MODEL = {"n_layer": 1, "n_head": 1, "d_model": 8, "n_ctx": 16, "vocab_size": 50257}
 
@@ -296,7 +297,7 @@ def test_gpt3_preset_on_stand_ins_filters_dedups_and_decontaminates_as_declared(
     manifest = json.loads((data / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["sources"]}
     assert list(entries) == list(stand_ins)
-    decoded = {name: decoded_documents(data, manifest, e) for name, e in entries.items()}
+    decoded = {name: decoded_documents(data, e["name"]) for name, e in entries.items()}
     for name, e in entries.items():  # every source's rows chain, and the last equals its token file
         assert e["settings"]["curation"]["decontaminate"]["tasks"] == list(TASKS), name
         rows = e["curation"]
@@ -373,12 +374,6 @@ def test_curated_mix_reads_the_web_a_line_a_document(shared_data: Path, tmp_path
         assert message in one_error_line(capsys, ["prepare", str(preset_run(tmp_path, "curated-mix")), override])
 
 
-def decoded_documents(data: Path, manifest: dict, entry: dict) -> list[str]:
-    ids = np.fromfile(data / entry["file"], dtype=manifest["dtype"])
-    text = load_tokenizer(data / "tokenizer.json").decode(ids.tolist(), skip_special_tokens=False)
-    return text.split(EOT)[:-1]
-
-
 @pytest.mark.slow  # tokenizes about 4.5 MB of real text and trains the quality classifier
 def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: Path, tmp_path: Path, capsys) -> None:
     run = preset_run(tmp_path, "curated-mix")
@@ -400,7 +395,7 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
     }
     junk = set(builtin.generate("junk", 2.0))
     for name, e in entries.items():
-        docs = decoded_documents(data, manifest, e)
+        docs = decoded_documents(data, e["name"])
         tokens = (data / e["file"]).stat().st_size // itemsize
         assert e["tokens"] == tokens == e["train"]["tokens"] + e["val"]["tokens"], name
         assert e["documents"] == len(docs) and not junk & set(docs), name
@@ -420,7 +415,7 @@ def test_curated_mix_prepares_offline_and_its_curation_rows_add_up(shared_data: 
             assert dropped == 0 and docs == inputs[name] and "quality" not in e["curation"], name
 
     q = entries["web"]["curation"]["quality"]
-    web, kept = inputs["web"], decoded_documents(data, manifest, entries["web"])
+    web, kept = inputs["web"], decoded_documents(data, "web")
     d = entries["web"]["curation"]["dedup"]
     assert q["documents"] == len(web) and q["bytes"] == sum(len(x.encode()) for x in web)
     assert q["kept"] == q["documents"] - q["dropped"] == d["documents"] and q["bytes_kept"] == d["bytes"]

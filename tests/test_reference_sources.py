@@ -13,7 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from scalegpt.launch.cli import main
@@ -23,7 +22,8 @@ from scalegpt.train.data import builtin
 from scalegpt.train.data import sources as src_mod
 from scalegpt.train.data.mixture import Mixture, read_manifest
 from scalegpt.train.data.prepare import quality
-from scalegpt.train.data.tokenizer import EOT, load_tokenizer
+
+from helpers import decoded_documents
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora"
 needs_corpora = pytest.mark.skipif(
@@ -167,16 +167,6 @@ def crawl_documents() -> list[str]:
     return docs
 
 
-def decoded(data: Path, name: str) -> list[str]:
-    """A source's documents as its token file holds them (train and validation)."""
-    manifest = read_manifest(data)
-    assert manifest is not None
-    entry = next(e for e in manifest["sources"] if e["name"] == name)
-    ids = np.fromfile(data / entry["file"], dtype=manifest["dtype"])
-    text = load_tokenizer(data / "tokenizer.json").decode(ids.tolist(), skip_special_tokens=False)
-    return text.split(EOT)[:-1]
-
-
 def prepare(argv: list[str]) -> str:
     out = subprocess.run([SCALEGPT, "prepare", *argv], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -221,13 +211,13 @@ def test_a_reference_negative_set_trains_the_classifier_and_never_the_model(tmp_
     manifest = read_manifest(data)
     assert manifest is not None and [e["name"] for e in manifest["sources"]] == ["books", "crawl"]
     assert sorted(p.name for p in data.glob("*.bin")) == ["books.bin", "crawl.bin"]
-    prepared = decoded(data, "books") + decoded(data, "crawl")
+    prepared = decoded_documents(data, "books") + decoded_documents(data, "crawl")
     assert not set(junk) & set(prepared)
     entry = next(e for e in manifest["sources"] if e["name"] == "crawl")
     row = entry["curation"]["quality"]
-    assert decoded(data, "books") == [(tmp_path / "books.txt").read_text()]
-    assert len(decoded(data, "crawl")) == row["kept"] == row["documents"] - row["dropped"] < len(docs)
-    assert set(decoded(data, "crawl")) <= set(docs)
+    assert decoded_documents(data, "books") == [(tmp_path / "books.txt").read_text()]
+    assert len(decoded_documents(data, "crawl")) == row["kept"] == row["documents"] - row["dropped"] < len(docs)
+    assert set(decoded_documents(data, "crawl")) <= set(docs)
 
     def trained_on(mb: float) -> tuple[dict, str]:
         saved = json.loads((data / "curation" / "quality-crawl.json").read_text())
