@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_curation_quality import CORPORA, _head, expected, needs_corpora, prepared_documents, write_jsonl
+from test_curation_quality import CORPORA, _head, expected, needs_corpora, write_jsonl
 from test_curation_report import table_row
 
 from scalegpt.train.data import builtin
@@ -25,6 +25,7 @@ from scalegpt.train.data.prepare.dedup import normalize
 from scalegpt.train.evaluation.tasks import TASKS, queries
 
 from e2e import scalegpt
+from helpers import decoded_documents
 
 THRESHOLD = 0.6  # dedup's threshold, set by the key=value override
 """A pair is a duplicate at this estimated Jaccard; the test's pairs lie well away from it on either side."""
@@ -178,7 +179,7 @@ def test_three_steps_chain_in_the_printed_table_and_equal_counts_by_hand(chain: 
     assert (hand.dropped_exact, hand.dropped_fuzzy) == (both["exact"], both["fuzzy"])  # the planted ones only
     n_dedup = len(q) - hand.dropped_exact - hand.dropped_fuzzy
 
-    tokens = prepared_documents(chain.data, "crawl")  # what decontamination wrote
+    tokens = decoded_documents(chain.data, "crawl")  # what decontamination wrote
     pieces = [t for t in tokens if t not in q]  # the host's two pieces, cut around the query
     assert len(pieces) == 2 and all(p in chain.host for p in pieces) and chain.query not in "".join(tokens)
     dedup_kept = [t for t in tokens if t in q] + [chain.host]

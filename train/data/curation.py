@@ -28,6 +28,10 @@ class DecontaminateConfig:
     """Built-in tasks (names or the paper's aliases, as `scalegpt eval --tasks` takes them) whose test
     queries are removed; none (the default) turns the step off. Each is matched with the N that `scalegpt
     eval --contamination` uses for it."""
+    texts: list[str] = field(default_factory=list)
+    """Files of other evaluation examples to remove (a benchmark exported from lm-eval, say): in a .jsonl file
+    each line's "text", in any other file each non-empty line. A file is matched with the paper's N for its
+    examples (the 5th percentile of their lengths in words, 8 to 13); an example shorter than N is one gram."""
     num_examples: int = 1000
     """Queries per task that make its test set: the first ones `scalegpt eval --seed SEED` draws, so an
     eval with --num-examples up to this many finds none of them in the decontaminated text."""

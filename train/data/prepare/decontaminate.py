@@ -10,8 +10,9 @@ piece kept becomes a document of its own (no gram spans two of them, in training
 
 The paper also ignored a 13-gram that matched more than 10 training documents, as common phrasing. The
 built-in tasks are looked up whole (each test query is one gram, answer included), and such a gram is the
-test item itself, however often it occurs, so every match is removed; the rule belongs to n-grams of
-longer natural-language examples, which no task here has yet.
+test item itself, however often it occurs, so every match is removed. The rule belongs to n-grams of
+longer natural-language examples, such as those of a `texts:` file, and is not applied to them yet: there,
+a common phrase of 8 to 13 words that a benchmark shares with many training documents is removed too.
 
 Every decision depends on the document alone, so it is the same whatever the order of documents, the
 number of workers, or a resume.
@@ -19,8 +20,11 @@ number of workers, or a resume.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +32,7 @@ import numpy as np
 from ...errors import UserError
 from ...evaluation.tasks import get_tasks, queries
 from ..curation import DecontaminateConfig
-from ..ngrams import WordHasher, example_grams, gram_hashes, task_n, word_spans
+from ..ngrams import WordHasher, example_grams, gram_hashes, paper_n, task_n, word_spans, words
 from ..sources import Fragment, document_batches
 
 VERSION = 1
@@ -61,14 +65,34 @@ class DecontaminationStats:
         )
 
 
+def text_examples(path: str, key: str) -> list[str]:
+    """The examples of a `texts:` file, or a UserError naming the setting."""
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{key}.texts: {path} cannot be read ({exc}); point it at a UTF-8 file of examples") from None
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    if p.suffix == ".jsonl":
+        try:
+            lines = [str(json.loads(line)["text"]) for line in lines]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f'{key}.texts: {path} is not JSON lines with a "text" field each ({exc!r})') from None
+    if not lines:
+        raise UserError(f"{key}.texts: {path} holds no example; give a file with one example per line")
+    return lines
+
+
 def check(cfg: DecontaminateConfig, key: str) -> list[str]:
     """The canonical task names, or a UserError naming the setting (before prepare writes anything)."""
-    if not cfg.tasks:
+    if not cfg.tasks and not cfg.texts:
         return []
     try:
-        tasks = [t.name for t in get_tasks(list(cfg.tasks))]
+        tasks = [t.name for t in get_tasks(list(cfg.tasks))] if cfg.tasks else []
     except UserError as exc:
         raise UserError(f"{key}.tasks: {exc}") from None
+    for path in cfg.texts:
+        text_examples(path, key)
     for name, value, low in (("num_examples", cfg.num_examples, 1), ("window", cfg.window, 0)):
         if value < low:
             raise UserError(f"{key}.{name} must be at least {low}, got {value}")
@@ -81,9 +105,15 @@ def check(cfg: DecontaminateConfig, key: str) -> list[str]:
 def settings(cfg: DecontaminateConfig, key: str) -> dict[str, Any] | None:
     """What goes into the source's settings (so a change re-prepares it), or None when the step is off."""
     tasks = check(cfg, key)
-    if not tasks:
+    if not tasks and not cfg.texts:
         return None
-    return {**asdict(cfg), "tasks": tasks, "version": VERSION}
+    texts = {path: hashlib.sha256("\n".join(text_examples(path, key)).encode()).hexdigest() for path in cfg.texts}
+    row = {**asdict(cfg), "tasks": tasks, "version": VERSION}
+    if texts:  # only when set, so that earlier manifests stay up to date
+        row["texts"] = texts
+    else:
+        del row["texts"]
+    return row
 
 
 @dataclass
@@ -99,13 +129,15 @@ class Decontaminator:
     @classmethod
     def of(cls, cfg: DecontaminateConfig, key: str) -> Decontaminator | None:
         tasks = check(cfg, key)
-        if not tasks:
+        if not tasks and not cfg.texts:
             return None
         found: dict[int, list[np.ndarray]] = {}
         hasher = WordHasher()
-        for task in get_tasks(tasks):
-            n = task_n(task.name)
-            lines = [ex.line for ex in queries(task, cfg.num_examples, cfg.seed)]
+        sets = [([ex.line for ex in queries(t, cfg.num_examples, cfg.seed)], task_n(t.name)) for t in get_tasks(tasks)]
+        for path in cfg.texts:
+            examples = text_examples(path, key)
+            sets.append((examples, paper_n([len(words(e)) for e in examples])))
+        for lines, n in sets:
             for g, hashes in example_grams(lines, n, hasher):
                 if g > 0:
                     found.setdefault(g, []).append(hashes)
