@@ -65,7 +65,7 @@ def _add_curate(sub: _Subparsers) -> None:
     s.add_argument("--partition", default=None, help="SLURM partition")
     s.add_argument("--time", default="24:00:00", help="SLURM time limit per task (default %(default)s)")
     s.add_argument("--cpus-per-task", type=int, default=1, help="SLURM CPUs per task (default 1)")
-    s.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="SLURM memory per CPU in GB (default 2)")
+    s.add_argument("--mem-per-cpu-gb", type=int, default=2, help="SLURM memory per CPU in whole GB (default 2)")
 
 
 def _add_train(sub: _Subparsers) -> None:

@@ -109,7 +109,8 @@ class Cluster:
     partition: str | None
     time: str
     cpus_per_task: int
-    mem_per_cpu_gb: float
+    mem_per_cpu_gb: int
+    """Whole GB: SLURM takes --mem-per-cpu=3G, not 3.0G."""
 
 
 def executors(job: Job, folder: Path, tasks: int, workers: int, kind: str, cluster: Cluster) -> Any:

@@ -116,7 +116,8 @@ def test_slurm_executor_renders_and_runs_the_job(config: Path, local: tuple[byte
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "scalegpt", "curate", str(config), f"data.dir={data}"]
     run = subprocess.run(
-        [*cmd, "--executor", "slurm", "--tasks", "2", "--partition", "debug", "--time", "1:00:00"],
+        [*cmd, "--executor", "slurm", "--tasks", "2", "--partition", "debug", "--time", "1:00:00"]
+        + ["--cpus-per-task", "2", "--mem-per-cpu-gb", "3"],
         env=env,
         capture_output=True,
         text=True,
@@ -130,6 +131,7 @@ def test_slurm_executor_renders_and_runs_the_job(config: Path, local: tuple[byte
     score = (scripts[1]).read_text()
     assert "#SBATCH --partition=debug" in score and "#SBATCH --array=0-1" in score and "#SBATCH --time=1:00:00" in score
     assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in score
+    assert "#SBATCH --cpus-per-task=2" in score and "#SBATCH --mem-per-cpu=3G" in score
     calls = (bin_dir / "sbatch.calls").read_text().splitlines()
     assert any("--dependency=afterok:" in c for c in calls)  # the merge waits for the array
     run = subprocess.run(
