@@ -218,22 +218,39 @@ def one_trained_one_refused(results: list[tuple[int, str]], run: Path) -> None:
     assert not (run / LOCK).exists()  # the one that trained let go when it ended
 
 
+LONG = ["train.max_steps=100000", "eval.every=0", "checkpoint.every=3", "log.every=1"]
+"""A run far longer than the other job's start: the refusal must come while the holder still trains."""
+
+
+def refused_while_the_other_trains(jobs: list[Job], run: Path) -> list[tuple[int, str]]:
+    """Wait for the first of two jobs to end: it must be the refused one, with the other still training (so
+    the test does not depend on which starts faster, or on a short run ending first under load). The one
+    training is then stopped with SIGTERM, which finishes its step, saves and exits 0."""
+    deadline = time.monotonic() + 600
+    while all(job.proc.poll() is None for job in jobs):
+        assert time.monotonic() < deadline, [job.output()[-2000:] for job in jobs]
+        time.sleep(0.2)
+    holder = next(job for job in jobs if job.proc.poll() is None)  # StopIteration: both ended
+    holder.wait_for("a logged step", lambda: rows_written(run, 1))
+    os.killpg(holder.pid, signal.SIGTERM)
+    return [job.finish() for job in jobs]
+
+
 @pytest.mark.slow
 def test_two_trains_at_once_one_trains_the_other_names_it(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = train_args(run, prepared, "train.max_steps=6", "eval.every=0", "checkpoint.every=3")
+    args = train_args(run, prepared, *LONG)
     jobs = [Job(tmp_path / f"{i}.log", *args) for i in range(2)]
-    one_trained_one_refused([job.finish() for job in jobs], run)
-    assert latest_step(run) == 6
+    one_trained_one_refused(refused_while_the_other_trains(jobs, run), run)
+    assert latest_step(run) is not None  # the stopped holder saved
 
 
 @pytest.mark.slow
 def test_a_train_beside_a_launch_one_trains_the_other_exits_2(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    steps = ["train.max_steps=6", "eval.every=0", "checkpoint.every=3"]
-    jobs = [Job(tmp_path / "train.log", *train_args(run, prepared, *steps))]
-    jobs.append(Job(tmp_path / "launch.log", *launch_args(run, prepared, *steps)))
-    one_trained_one_refused([job.finish() for job in jobs], run)
+    jobs = [Job(tmp_path / "train.log", *train_args(run, prepared, *LONG))]
+    jobs.append(Job(tmp_path / "launch.log", *launch_args(run, prepared, *LONG)))
+    one_trained_one_refused(refused_while_the_other_trains(jobs, run), run)
     assert {m["world_size"] for m in metrics(run)} in ({1}, {2})
 
 
