@@ -556,7 +556,10 @@ def test_an_interrupted_export_removes_its_temporary_folder(inputs: Inputs, tmp_
     _wait_for(lambda: bool(_export_tmp(tmp_path)), proc)  # written, now being verified by transformers
     os.killpg(proc.pid, sig)
     code, _, err = _finish(proc)
-    assert code == 128 + sig and "Traceback" not in err, err[-3000:]
+    # 128 + sig, or death by the signal itself after the cleanup (seen for Ctrl-C about one run in four on
+    # this machine; the cause is not found): a shell reports both as 128 + sig.
+    assert code in (128 + sig, -sig) and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("scalegpt: "), err[-3000:]  # "interrupted" / "terminated"
     assert not _export_tmp(tmp_path) and not (tmp_path / "out").exists()
 
 
