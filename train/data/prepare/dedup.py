@@ -48,7 +48,7 @@ from ...errors import UserError
 from ..curation import DedupConfig
 from ..ngrams import gram_hashes
 from ..sampling import mix64
-from ..sources import Fragment
+from ..sources import Fragment, document_batches
 from .staged import Staged
 from .workers import _TRIM  # glibc's malloc_trim: the one owner of it in prepare
 
@@ -453,21 +453,8 @@ class Deduplicator:
                 if batches % _TRIM_EVERY == 0:
                     _trim()  # without it the heap creeps up with the number of batches, as workers.py says
 
-            pieces: list[str] = []
-            batch: list[str] = []
-            size = 0
-            for text, end in frags:
-                pieces.append(text)
-                if end:
-                    batch.append("".join(pieces))
-                    size += len(batch[-1])
-                    pieces = []
-                    if size >= _BATCH_CHARS:
-                        flush(batch)
-                        batch, size = [], 0
-            if pieces:
-                batch.append("".join(pieces))
-            flush(batch)
+            for batch in document_batches(frags, _BATCH_CHARS):
+                flush(batch)
         keys.close()
         docs.close()
         self.keys, self.docs = keys.paths, docs.paths
